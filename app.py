@@ -1,0 +1,348 @@
+"""Wallet service: HTTP JSON API and WebSocket events (Flask) plus gRPC, in one process."""
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from flask_sock import Sock
+from werkzeug.exceptions import HTTPException
+
+import logs
+import ws
+from events import EventHub
+from validation import ValidationError, validate_amount, validate_game, validate_limit, validate_user_id
+from wallet_store import WalletError, WalletStore, fingerprint
+
+log = logging.getLogger("wallet.http")
+
+MAX_BODY = 64 * 1024
+_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
+
+
+class ApiError(Exception):
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _printable(text):
+    # Paths are client-chosen: escape control characters so one request stays one log line.
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def json_response(body, status=200, headers=None):
+    return Response(json.dumps(body, separators=(",", ":")), status, headers, mimetype="application/json")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def read_json_object():
+    """The request body as a JSON object, whatever the Content-Type; ApiError when it is not one."""
+    if (request.content_length or 0) > MAX_BODY:
+        raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
+    # Reading one byte past the limit catches chunked bodies too, which carry no length.
+    raw = request.stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_request", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "request body must be a JSON object")
+    return body
+
+
+def field(body, name, validate, **kwargs):
+    if name not in body:
+        raise ValidationError(f"{name} is required")
+    return validate(body[name], name, **kwargs)
+
+
+def idempotency_key():
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _KEY.fullmatch(key):
+        raise ValidationError("Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return key
+
+
+def create_app(store, hub):
+    """Build the Flask app around its collaborators: the wallet store and the event hub."""
+    app = Flask(__name__)
+    sock = Sock(app)
+    ws.register(app, sock, hub)
+
+    @app.before_request
+    def start():
+        g.start = time.perf_counter()
+        rid = request.headers.get("X-Request-ID", "")
+        g.request_id = rid if _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
+        g.token = logs.request_id.set(g.request_id)
+
+    @app.after_request
+    def finish(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        if not request.environ.get("wallet.websocket"):
+            elapsed = round((time.perf_counter() - g.get("start", time.perf_counter())) * 1000, 2)
+            path = _printable(request.path)
+            log.info("%s %s %d %.1fms rid=%s", request.method, path, response.status_code, elapsed,
+                     g.get("request_id"), extra={"method": request.method, "path": path,
+                                                  "status": response.status_code, "duration_ms": elapsed})
+        return response
+
+    @app.teardown_request
+    def forget_request_id(exc):
+        token = g.pop("token", None)
+        if token is not None:
+            logs.request_id.reset(token)
+
+    @app.errorhandler(ApiError)
+    def api_error(exc):
+        return json_response({"error": exc.code, "message": str(exc)}, exc.status)
+
+    @app.errorhandler(ValidationError)
+    def invalid(exc):
+        return json_response({"error": "invalid_request", "message": str(exc)}, 400)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        code = _ERROR_CODES.get(exc.code, "invalid_request")
+        if exc.code == 404:
+            message = f"no route for {request.method} {request.path}"
+        elif exc.code == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        elif request.path == "/ws" and exc.code == 400:
+            message = "this endpoint only accepts WebSocket upgrades"
+        else:
+            message = exc.description
+        response = json_response({"error": code, "message": message}, exc.code)
+        if exc.code == 405:
+            response.headers["Allow"] = ", ".join(exc.valid_methods or [])
+        return response
+
+    @app.errorhandler(Exception)
+    def internal(exc):
+        log.exception("unhandled error")
+        return json_response({"error": "internal_error", "message": "internal server error"}, 500)
+
+    def write(operation, *args):
+        """Run a money-moving operation with the Idempotency-Key rules of the contract."""
+        key = idempotency_key()
+
+        def run():
+            try:
+                return 200, operation(*args)
+            except WalletError as exc:
+                return exc.status, exc.body()
+
+        if key is None:
+            status, body = run()
+            return json_response(body, status)
+        canonical = json.dumps(request_body(), sort_keys=True, separators=(",", ":"))
+        try:
+            status, body, replayed = store.run_idempotent(key, fingerprint(request.method, request.path, canonical),
+                                                          run)
+        except WalletError as exc:
+            return json_response(exc.body(), exc.status)
+        return json_response(body, status, {"Idempotent-Replayed": "true"} if replayed else None)
+
+    def request_body():
+        if "body" not in g:
+            g.body = read_json_object()
+        return g.body
+
+    @app.post("/api/wallet/deposit")
+    def deposit():
+        body = request_body()
+        user_id = field(body, "user_id", validate_user_id)
+        amount = field(body, "amount", validate_amount)
+        return write(store.deposit, user_id, amount)
+
+    @app.post("/api/wallet/withdraw")
+    def withdraw():
+        body = request_body()
+        user_id = field(body, "user_id", validate_user_id)
+        amount = field(body, "amount", validate_amount)
+        return write(store.withdraw, user_id, amount)
+
+    @app.post("/api/games/outcomes")
+    def outcome():
+        body = request_body()
+        user_id = field(body, "user_id", validate_user_id)
+        game = field(body, "game", validate_game)
+        bet = field(body, "bet", validate_amount, minimum=0)
+        payout = field(body, "payout", validate_amount, minimum=0)
+        return write(store.settle, user_id, game, bet, payout)
+
+    @app.get("/api/wallet/balance/<path:user_id>")
+    @app.get("/api/wallet/balance/", defaults={"user_id": ""})
+    def balance(user_id):
+        user_id = validate_user_id(user_id, allow_int=False)
+        return json_response({"user_id": user_id, "balance": store.balance(user_id)})
+
+    @app.get("/api/wallet/transactions/<path:user_id>")
+    @app.get("/api/wallet/transactions/", defaults={"user_id": ""})
+    def transactions(user_id):
+        user_id = validate_user_id(user_id, allow_int=False)
+        limit = validate_limit(request.args.get("limit"))
+        return json_response({"user_id": user_id, "transactions": store.transactions(user_id, limit)})
+
+    @app.get("/api/leaderboard")
+    def leaderboard():
+        return json_response({"leaderboard": store.leaderboard()})
+
+    @app.get("/healthz")
+    def healthz():
+        return json_response({"status": "ok"})
+
+    @app.get("/openapi.json")
+    def openapi():
+        with open(OPENAPI_PATH, "rb") as f:
+            return Response(f.read(), 200, mimetype="application/json")
+
+    return app
+
+
+# -- command line --------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"app.py: error: {message} (see --help)\n")
+
+
+def _port(text):
+    if not re.fullmatch(r"[0-9]{1,5}", text.strip()) or int(text) > 65535:
+        raise ValueError(f"invalid port {text!r}: expected an integer from 0 to 65535")
+    return int(text)
+
+
+def _level(text):
+    if text.upper() not in logs.LEVELS:
+        raise ValueError(f"invalid log level {text!r}: expected one of {', '.join(logs.LEVELS)}")
+    return text.upper()
+
+
+def _format(text):
+    if text.lower() not in logs.FORMATS:
+        raise ValueError(f"invalid log format {text!r}: expected one of {', '.join(logs.FORMATS)}")
+    return text.lower()
+
+
+def _host(text):
+    if not text.strip():
+        raise ValueError("invalid host '': expected an address such as 0.0.0.0 or 127.0.0.1")
+    return text.strip()
+
+
+SETTINGS = [  # flag, environment variable, default, parser, help
+    ("--host", "HOST", "0.0.0.0", _host, "address to listen on for HTTP and gRPC"),
+    ("--http-port", "HTTP_PORT", "8080", _port, "HTTP and WebSocket port"),
+    ("--grpc-port", "GRPC_PORT", "9090", _port, "gRPC port"),
+    ("--log-level", "LOG_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    ("--log-format", "LOG_FORMAT", "text", _format, "text or json (one JSON object per line)"),
+]
+
+
+def parse_settings(argv, environ):
+    """Flags beat environment variables, which beat defaults; a bad value exits 2 naming its source."""
+    parser = _Parser(prog="app.py", description="Wallet service: HTTP + WebSocket and gRPC in one process.")
+    for flag, env, default, _, text in SETTINGS:
+        parser.add_argument(flag, metavar=env, help=f"{text} (env {env}, default {default})")
+    args = parser.parse_args(argv)
+    settings = {}
+    for flag, env, default, convert, _ in SETTINGS:
+        name = flag[2:].replace("-", "_")
+        raw, source = getattr(args, name), flag
+        if raw is None:
+            raw, source = environ.get(env), f"environment variable {env}"
+        if raw is None:
+            raw, source = default, "default"
+        try:
+            settings[name] = convert(raw)
+        except ValueError as exc:
+            parser.exit(2, f"app.py: error: {source}: {exc}\n")
+    return argparse.Namespace(**settings)
+
+
+def main(argv=None, environ=None):
+    import grpc_server
+
+    import http_server
+
+    settings = parse_settings(sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ)
+    logs.setup(settings.log_level, settings.log_format)
+    threading.stack_size(512 * 1024)  # two threads per WebSocket: keep their reserved stacks small
+
+    try:
+        http_sock = http_server.bind(settings.host, settings.http_port)
+    except OSError as exc:
+        sys.stderr.write(f"app.py: error: {exc}\n")
+        return 1
+    hub = EventHub().start()
+    store = WalletStore(hub)
+    try:
+        grpc_service = grpc_server.serve(store, settings.host, settings.grpc_port)
+    except OSError as exc:
+        http_sock.close()
+        sys.stderr.write(f"app.py: error: {exc}\n")
+        return 1
+    server = http_server.Server(http_sock, create_app(store, hub))
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http-accept",
+                               daemon=True)
+    serving.start()
+    host, port = server.server_address[:2]
+    log.info("HTTP and WebSocket listening on http://%s:%d (ws://%s:%d/ws)", host, port, host, port)
+    log.info("gRPC listening on %s:%d", settings.host, grpc_service.port)
+
+    while not stop.wait(1.0):
+        pass
+    shutdown(server, grpc_service, hub)
+    return 0
+
+
+def shutdown(server, grpc_service, hub, budget=4.0):
+    """Stop taking work, let requests in flight finish, close WebSockets with 1001, stop gRPC."""
+    deadline = time.monotonic() + budget
+    log.info("shutting down")
+    grpc_stopped = threading.Thread(target=grpc_service.stop, kwargs={"grace": 1.0}, daemon=True)
+    grpc_stopped.start()  # flips health to NOT_SERVING first, then drains gRPC calls
+    server.draining = True
+    server.shutdown()  # stop accepting; the listening socket closes below
+    server.server_close()
+    closed = hub.close_all(1001)
+    drained = server.drain(timeout=max(0.1, deadline - time.monotonic() - 1.0))
+    leftover = server.close_connections()
+    grpc_stopped.join(timeout=max(0.1, deadline - time.monotonic()))
+    hub.stop()
+    log.info("stopped: %d WebSockets closed, requests drained=%s, %d connections shut", closed, drained, leftover)
+    logging.shutdown()
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Library reader threads are not daemons; every socket is shut by now, so nothing is lost by not waiting.
+    os._exit(code)

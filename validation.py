@@ -1,0 +1,59 @@
+"""Input rules shared by HTTP, WebSocket and gRPC: user ids, game names, amounts."""
+
+import re
+
+INT64_MAX = 2**63 - 1
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ValidationError(ValueError):
+    """Bad client input; the message names the field and says what is wrong."""
+
+
+def _is_int(value):
+    # bool is a subclass of int, but `true` is not an amount or a user id.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_user_id(value, field="user_id", allow_int=True):
+    """Return the canonical (string) user id or raise ValidationError.
+
+    JSON bodies may give a positive integer, meaning its decimal string;
+    path segments, query values and gRPC fields are always strings
+    (allow_int=False there changes nothing for them).
+    """
+    if allow_int and _is_int(value):
+        if value < 1:
+            raise ValidationError(f"{field} must be a positive integer or 1 to 64 characters A-Z a-z 0-9 _ -")
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string of 1 to 64 characters A-Z a-z 0-9 _ -")
+    if not _NAME.fullmatch(value):
+        raise ValidationError(f"{field} must be 1 to 64 characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+def validate_game(value, field="game"):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValidationError(f"{field} must be a string of 1 to 64 characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+def validate_amount(value, field="amount", minimum=1):
+    """Return an integer amount in cents within [minimum, 2**63-1] or raise."""
+    if not _is_int(value):
+        raise ValidationError(f"{field} must be an integer number of cents")
+    if value < minimum:
+        raise ValidationError(f"{field} must be at least {minimum}")
+    if value > INT64_MAX:
+        raise ValidationError(f"{field} must be at most {INT64_MAX}")
+    return value
+
+
+def validate_limit(raw, field="limit", default=50, maximum=1000):
+    """Parse a query-string limit (a decimal string) within 1..maximum."""
+    if raw is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= maximum:
+        raise ValidationError(f"{field} must be an integer from 1 to {maximum}")
+    return int(raw)

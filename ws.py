@@ -1,0 +1,231 @@
+"""The /ws endpoint: the subscription protocol of the contract over flask-sock."""
+
+import json
+import logging
+import struct
+import threading
+
+from flask import request
+from simple_websocket import ConnectionClosed
+
+from events import TOPICS, Message, Subscriber, dumps
+from validation import ValidationError, validate_user_id
+
+log = logging.getLogger("wallet.ws")
+
+MAX_MESSAGE_BYTES = 4096
+QUEUE_SIZE = 1000
+PING_INTERVAL = 25
+STALL_TIMEOUT = 30  # a cut-off client that still reads nothing after this long is dropped without a close frame
+
+SERVER_OPTIONS = {"ping_interval": PING_INTERVAL, "max_message_size": MAX_MESSAGE_BYTES}
+
+
+def encode_frame(text):
+    """A server-to-client text frame (FIN, unmasked); computed once per event for all receivers."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+class _BadMessage(Exception):
+    pass
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _parse_events(value, where):
+    if isinstance(value, str):
+        names = [n for n in value.split(",") if n] if value else []
+    elif isinstance(value, list):
+        names = value
+    else:
+        raise _BadMessage(f"{where} must be a list of event names")
+    for name in names:
+        if name not in TOPICS:
+            raise _BadMessage(f"unknown event name {name!r} in {where}; known: {', '.join(TOPICS)}")
+    return names
+
+
+class Connection:
+    """One WebSocket client: reads its messages and is the only writer to its socket."""
+
+    def __init__(self, ws, hub, peer):
+        self.ws = ws
+        self.hub = hub
+        self.peer = peer
+        self.user_id = None
+        self.events = set()
+        self.sub = Subscriber(ws.event.set, QUEUE_SIZE, on_cutoff=self._stall_watch)
+        self.finished = threading.Event()
+
+    def _stall_watch(self):
+        def abort():
+            if not self.finished.is_set():
+                log.warning("ws %s: cut-off client never read its backlog; dropping the connection", self.peer)
+                try:
+                    self.ws.sock.shutdown(2)
+                except OSError:
+                    pass
+        timer = threading.Timer(STALL_TIMEOUT, abort)
+        timer.daemon = True
+        timer.start()
+
+    def reply(self, obj, reply_id=None):
+        if reply_id is not None:
+            obj["id"] = reply_id
+        self.sub.put(Message(dumps(obj)))
+
+    def error(self, code, message, reply_id=None):
+        self.reply({"type": "error", "error": code, "message": message}, reply_id)
+
+    def subscribe(self, events, user_id, reply_id=None):
+        if user_id is not None:
+            self.user_id = user_id
+        self.events |= set(events)
+        self.hub.subscribe(self.sub, events, user_id, reply_id)
+        log.info("ws %s subscribed events=%s user_id=%s", self.peer, sorted(self.events), self.user_id)
+
+    def handle(self, raw):
+        """Apply one client message; a bad one gets an error reply and changes nothing."""
+        if isinstance(raw, bytes):
+            raise _BadMessage("binary frames are not accepted; send JSON text")
+        try:
+            msg = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise _BadMessage("message is not valid JSON") from None
+        if not isinstance(msg, dict):
+            raise _BadMessage("message must be a JSON object")
+        reply_id = msg.get("id")
+        if reply_id is not None and (isinstance(reply_id, bool) or not isinstance(reply_id, (str, int))):
+            raise _BadMessage("id must be a string or an integer")
+        action = msg.get("action")
+        try:
+            if action == "ping":
+                self.reply({"type": "pong"}, reply_id)
+            elif action == "subscribe":
+                events = _parse_events(msg.get("events", []), "events")
+                user_id = msg.get("user_id")
+                if user_id is not None:
+                    user_id = validate_user_id(user_id)
+                if "balance" in events and user_id is None and self.user_id is None:
+                    raise _BadMessage("the balance event needs a user_id")
+                self.subscribe(events, user_id, reply_id)
+            elif action == "unsubscribe":
+                events = _parse_events(msg.get("events", []), "events")
+                self.events -= set(events)
+                self.hub.unsubscribe(self.sub, events, reply_id)
+                log.info("ws %s unsubscribed events=%s", self.peer, sorted(self.events))
+            else:
+                raise _BadMessage("action must be one of subscribe, unsubscribe, ping")
+        except (_BadMessage, ValidationError) as exc:
+            raise _BadMessage(str(exc), reply_id) from None
+
+    def run(self):
+        ws, sub = self.ws, self.sub
+        while True:
+            if ws.connected:
+                ws.event.wait(timeout=1.0)
+            ws.event.clear()
+            try:
+                while (raw := ws.receive(timeout=0)) is not None:
+                    self._handle_safely(raw)
+            except ConnectionClosed:
+                return "client closed"
+            self.flush()
+            if sub.cut_off:
+                return self.close(1013, "too slow: outbound queue full")
+            if sub.close_code:
+                return self.close(sub.close_code, "server shutting down")
+            if not ws.connected:
+                return "client closed"
+
+    def _handle_safely(self, raw):
+        size = len(raw.encode()) if isinstance(raw, str) else len(raw)
+        if size > MAX_MESSAGE_BYTES:
+            raise _TooBig()
+        try:
+            self.handle(raw)
+        except _BadMessage as exc:
+            self.error("invalid_message", exc.args[0], exc.args[1] if len(exc.args) > 1 else None)
+            log.info("ws %s bad message: %s", self.peer, exc.args[0])
+
+    def flush(self):
+        messages = self.sub.drain()
+        if not messages:
+            return
+        frames = []
+        for m in messages:
+            if m.frame is None:
+                m.frame = encode_frame(m.text)
+            frames.append(m.frame)
+        self.ws.sock.sendall(b"".join(frames))
+
+    def close(self, code, reason):
+        if self.sub.cut_off:
+            self.sub.drain()  # the backlog is what the client could not take: drop it
+        try:
+            self.ws.close(reason=code, message=reason)
+        except (ConnectionClosed, OSError):
+            pass
+        # Give the client a moment to answer the close, so the handshake completes cleanly.
+        self.ws.thread.join(timeout=1.0)
+        return f"closed with {code}"
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def register(app, sock, hub):
+    """Add the /ws route to a Flask app."""
+    app.config["SOCK_SERVER_OPTIONS"] = SERVER_OPTIONS
+
+    @sock.route("/ws")
+    def websocket(ws):
+        request.environ["wallet.websocket"] = True
+        peer = f"{request.remote_addr}:{request.environ.get('REMOTE_PORT')}"
+        conn = Connection(ws, hub, peer)
+        hub.connect(conn.sub)
+        log.info("ws %s connected query=%s", peer, request.query_string.decode("latin-1"))
+        outcome = "error"
+        try:
+            try:
+                events = _parse_events(request.args.get("events", ""), "query events")
+                user_id = request.args.get("user_id")
+                if user_id is not None:
+                    user_id = validate_user_id(user_id, allow_int=False)
+                if "balance" in events and user_id is None:
+                    raise _BadMessage("the balance event needs a user_id")
+            except (_BadMessage, ValidationError) as exc:
+                conn.error("invalid_request", str(exc.args[0]))
+                conn.flush()
+                outcome = conn.close(1008, "invalid query")
+                return
+            if events:
+                conn.subscribe(events, user_id)
+            elif user_id is not None:
+                conn.user_id = user_id
+                hub.subscribe(conn.sub, [], user_id, quiet=True)
+            outcome = conn.run()
+        except _TooBig:
+            outcome = conn.close(1009, "message too big")
+        except ConnectionClosed:
+            outcome = "client closed"
+        except OSError:
+            outcome = "connection lost"
+        finally:
+            conn.finished.set()
+            hub.disconnect(conn.sub)
+            log.info("ws %s disconnected (%s)", peer, outcome)
+
+    return websocket
+
