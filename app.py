@@ -13,8 +13,12 @@ import uuid
 
 from flask import Flask, Response, g, request
 from flask_sock import Sock
+from simple_websocket.errors import ConnectionError as WebSocketHandshakeError
 from werkzeug.exceptions import HTTPException
+from wsproto.utilities import RemoteProtocolError
 
+import grpc_server
+import http_server
 import logs
 import ws
 from events import EventHub
@@ -27,7 +31,9 @@ MAX_BODY = 64 * 1024
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPENAPI_PATH = os.path.join(HERE, "openapi.json")
+DASHBOARD_PATH = os.path.join(HERE, "static", "dashboard.html")
 
 
 class ApiError(Exception):
@@ -133,6 +139,11 @@ def create_app(store, hub):
             response.headers["Allow"] = ", ".join(exc.valid_methods or [])
         return response
 
+    @app.errorhandler(RemoteProtocolError)
+    @app.errorhandler(WebSocketHandshakeError)
+    def bad_handshake(exc):
+        return json_response({"error": "invalid_request", "message": "invalid WebSocket handshake"}, 400)
+
     @app.errorhandler(Exception)
     def internal(exc):
         log.exception("unhandled error")
@@ -208,6 +219,12 @@ def create_app(store, hub):
     def healthz():
         return json_response({"status": "ok"})
 
+    @app.get("/")
+    def dashboard():
+        # The one non-JSON response: a self-contained page built on the public HTTP and WebSocket API.
+        with open(DASHBOARD_PATH, "rb") as f:
+            return Response(f.read(), 200, mimetype="text/html")
+
     @app.get("/openapi.json")
     def openapi():
         with open(OPENAPI_PATH, "rb") as f:
@@ -279,9 +296,7 @@ def parse_settings(argv, environ):
 
 
 def main(argv=None, environ=None):
-    import grpc_server
 
-    import http_server
 
     settings = parse_settings(sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ)
     logs.setup(settings.log_level, settings.log_format)
@@ -289,6 +304,9 @@ def main(argv=None, environ=None):
 
     try:
         http_sock = http_server.bind(settings.host, settings.http_port)
+        if settings.grpc_port:
+            # Probe first: gRPC itself would print its own internal error line before failing.
+            http_server.bind(settings.host, settings.grpc_port, "gRPC").close()
     except OSError as exc:
         sys.stderr.write(f"app.py: error: {exc}\n")
         return 1

@@ -44,7 +44,7 @@ class Subscriber:
         self._queue = deque()
 
     def put(self, message):
-        """Queue a reply of the connection itself: replies never count against the cap."""
+        """Queue a reply of the connection itself (it counts toward the cap like any message)."""
         self._queue.append(message)
         self.wake()
 

@@ -227,7 +227,7 @@ class Server(ThreadedWSGIServer):
         return len(handlers)
 
 
-def bind(host, port):
+def bind(host, port, what="HTTP"):
     """Bind and listen on a TCP socket; raise OSError with a clear message when that fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -237,5 +237,5 @@ def bind(host, port):
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
+        raise OSError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from None
     return sock

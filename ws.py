@@ -133,7 +133,7 @@ class Connection:
         ws, sub = self.ws, self.sub
         while True:
             if ws.connected:
-                ws.event.wait(timeout=1.0)
+                ws.event.wait(timeout=30.0)  # every state change sets the event; this is a backstop
             ws.event.clear()
             try:
                 while (raw := ws.receive(timeout=0)) is not None:

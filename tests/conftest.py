@@ -31,12 +31,12 @@ def wait_for(condition, timeout=10.0, interval=0.01, message="condition"):
 class Server:
     """A running `python app.py` started on port 0; the ports are read from its start-up log."""
 
-    def __init__(self, log_dir, args=(), env=None):
+    def __init__(self, log_dir, args=(), env=None, port_flags=True):
         self.log_path = Path(log_dir) / f"server-{uuid.uuid4().hex[:8]}.log"
         self.log_file = open(self.log_path, "w+b")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
-               *args]
+        flags = ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"] if port_flags else []
+        cmd = [sys.executable, str(ROOT / "app.py"), *flags, *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log_file, stderr=subprocess.STDOUT)
         ports = wait_for(self._ports, timeout=20, message=f"server start-up (log: {self.log_path})")
         self.http_port, self.grpc_port = ports
@@ -88,8 +88,8 @@ def server(tmp_path_factory):
 def start_server(tmp_path):
     started = []
 
-    def start(*args, env=None):
-        srv = Server(tmp_path, args, env)
+    def start(*args, env=None, port_flags=True):
+        srv = Server(tmp_path, args, env, port_flags)
         started.append(srv)
         return srv
 

@@ -1,0 +1,167 @@
+"""Shared helpers for the benchmarks: processes, ports, limits, statistics, /proc readings."""
+
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+LOGS = BENCH / "logs"
+
+# The soft limit the benchmark was started with, before raise_nofile(): servers are started with it, so the
+# run shows how the service behaves with the limit a user would have (see the EMFILE note in BENCHMARKS.md).
+ORIGINAL_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def raise_nofile():
+    """Raise this process's open-file soft limit to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def percentile(values, q):
+    """Nearest-rank percentile of a list (q in 0..100); None for an empty list."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[k]
+
+
+def proc_status(pid):
+    """VmRSS (KiB) and Threads of a process, from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "Threads"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def rss_kib(pid=None):
+    return proc_status(pid or os.getpid())["VmRSS"]
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) // 1024
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "memory_mib": mem,
+        "nofile_soft_at_start": ORIGINAL_NOFILE[0],
+        "nofile_hard": ORIGINAL_NOFILE[1],
+    }
+
+
+def _restore_nofile():
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, ORIGINAL_NOFILE)
+    except (ValueError, OSError):
+        pass
+
+
+def wait_port(host, port, proc, log_path, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; log: {log_path}\n{tail(log_path)}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {host}:{port} within {timeout}s; log: {log_path}")
+
+
+def tail(path, lines=30):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class ServerProcess:
+    """A server subprocess with its output in a log file, stopped with SIGTERM."""
+
+    def __init__(self, name, argv, ports, host="127.0.0.1"):
+        LOGS.mkdir(exist_ok=True)
+        self.name = name
+        self.host = host
+        self.log_path = LOGS / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, preexec_fn=_restore_nofile)
+        self.pid = self.proc.pid
+        for port in ports:
+            wait_port(host, port, self.proc, self.log_path)
+
+    def status(self):
+        return proc_status(self.pid)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, timeout=10.0):
+        """SIGTERM and wait; returns (exit code, seconds it took)."""
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode, time.monotonic() - start
+
+    def log_text(self):
+        return self.log_path.read_text(errors="replace")
+
+
+def app_server(name="app"):
+    http_port, grpc_port = free_port(), free_port()
+    srv = ServerProcess(name, ["app.py", "--host", "127.0.0.1", "--http-port", str(http_port),
+                               "--grpc-port", str(grpc_port)], [http_port, grpc_port])
+    srv.http_port, srv.grpc_port = http_port, grpc_port
+    return srv

@@ -1,0 +1,177 @@
+"""Keep-alive HTTP/1.1 load generator on raw sockets.
+
+Each worker process drives N connections with `selectors`, one request in flight per connection,
+for a fixed time, and parses responses by Content-Length. Far cheaper per request than requests or
+http.client, so that on a small machine the server, not the client, is what is measured.
+"""
+
+import json
+import multiprocessing
+import selectors
+import socket
+import time
+
+from common import percentile, raise_nofile
+
+
+def build_request(method, path, host, body=None, headers=()):
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    payload = b""
+    if body is not None:
+        payload = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+
+
+class _Conn:
+    __slots__ = ("sock", "request", "buf", "sent_at")
+
+    def __init__(self, sock, request):
+        self.sock = sock
+        self.request = request
+        self.buf = b""
+        self.sent_at = 0
+
+
+def _connect(host, port):
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock
+
+
+def worker(host, port, requests, start_at, warmup, duration, out):
+    """Drive one connection per entry of `requests` (bytes) from start_at (monotonic) on.
+
+    Requests completed during the first `warmup` seconds are not counted; the run lasts
+    warmup + duration seconds. Puts a summary dict on `out`.
+    """
+    raise_nofile()
+    sel = selectors.DefaultSelector()
+    conns = []
+    for req in requests:
+        conn = _Conn(_connect(host, port), req)
+        conns.append(conn)
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+    statuses = {}
+    latencies = []
+    reconnects = errors = 0
+    now = time.monotonic()
+    if start_at > now:
+        time.sleep(start_at - now)
+    t0 = time.monotonic()
+    count_from = t0 + warmup
+    end = count_from + duration
+    perf = time.perf_counter
+    for conn in conns:
+        conn.sent_at = perf()
+        conn.sock.send(conn.request)
+    active = len(conns)
+    while active:
+        events = sel.select(0.5)
+        now_m = time.monotonic()
+        for key, _ in events:
+            conn = key.data
+            try:
+                data = conn.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                errors += 1
+                sel.unregister(conn.sock)
+                conn.sock.close()
+                if now_m < end:  # the server closed on us: open a new connection and go on
+                    reconnects += 1
+                    conn.sock = _connect(host, port)
+                    conn.buf = b""
+                    sel.register(conn.sock, selectors.EVENT_READ, conn)
+                    conn.sent_at = perf()
+                    conn.sock.send(conn.request)
+                else:
+                    active -= 1
+                continue
+            buf = conn.buf + data if conn.buf else data
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                conn.buf = buf
+                continue
+            head = buf[:head_end]
+            lower = head.lower()
+            i = lower.find(b"\r\ncontent-length:")
+            length = 0
+            if i >= 0:
+                j = head.find(b"\r\n", i + 17)
+                length = int(head[i + 17:j if j >= 0 else len(head)])
+            total = head_end + 4 + length
+            if len(buf) < total:
+                conn.buf = buf
+                continue
+            # One request in flight, so anything beyond `total` would be a server bug: drop it.
+            conn.buf = b""
+            done = perf()
+            if now_m >= count_from and now_m < end:
+                status = head[9:12].decode()
+                statuses[status] = statuses.get(status, 0) + 1
+                latencies.append(done - conn.sent_at)
+            closing = b"\r\nconnection: close" in lower
+            if now_m >= end:
+                sel.unregister(conn.sock)
+                conn.sock.close()
+                active -= 1
+                continue
+            if closing:
+                reconnects += 1
+                sel.unregister(conn.sock)
+                conn.sock.close()
+                conn.sock = _connect(host, port)
+                sel.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.sent_at = perf()
+            conn.sock.send(conn.request)
+        if time.monotonic() > end + 10:  # a request that never completes must not hang the benchmark
+            errors += active
+            break
+    for conn in conns:
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+    latencies.sort()
+    out.put({"completed": len(latencies), "duration": duration, "statuses": statuses, "errors": errors,
+             "reconnects": reconnects, "latencies": latencies})
+
+
+def run_load(host, port, requests, duration=5.0, warmup=0.5, processes=1):
+    """Run `len(requests)` connections split over `processes` worker processes.
+
+    Returns requests/s (2xx and others alike, counted only within the measured window), latency
+    percentiles in milliseconds, the status counts, and errors (connections the server dropped).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    chunks = [requests[i::processes] for i in range(processes)]
+    start_at = time.monotonic() + 1.0 + 0.2 * processes  # lets every worker connect before the clock starts
+    procs = [ctx.Process(target=worker, args=(host, port, chunk, start_at, warmup, duration, out), daemon=True)
+             for chunk in chunks if chunk]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=duration + warmup + 60) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+    latencies = sorted(x for r in results for x in r["latencies"])
+    statuses = {}
+    for r in results:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    return {
+        "rps": len(latencies) / duration,
+        "p50_ms": (percentile(latencies, 50) or 0) * 1000,
+        "p99_ms": (percentile(latencies, 99) or 0) * 1000,
+        "max_ms": (latencies[-1] if latencies else 0) * 1000,
+        "completed": len(latencies),
+        "statuses": statuses,
+        "errors": sum(r["errors"] for r in results),
+        "reconnects": sum(r["reconnects"] for r in results),
+    }

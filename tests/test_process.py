@@ -1,0 +1,158 @@
+"""The process as an operator sees it: flags and variables, start-up errors, logs, graceful shutdown."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import simple_websocket
+
+from conftest import ROOT, wait_for
+
+
+def run_app(*args, env=None, timeout=15):
+    """Run app.py expecting it to exit by itself (bad settings): returns (code, stdout, stderr)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("HOST", "HTTP_PORT", "GRPC_PORT", "LOG_LEVEL")}
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=ROOT, env={**full_env, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_help_lists_every_flag_and_variable():
+    code, out, _ = run_app("--help")
+    assert code == 0
+    for name in ("--host", "--http-port", "--grpc-port", "--log-level", "--log-format",
+                 "HOST", "HTTP_PORT", "GRPC_PORT", "LOG_LEVEL", "LOG_FORMAT"):
+        assert name in out
+
+
+@pytest.mark.parametrize("args, env, names", [
+    (["--http-port", "abc"], {}, "--http-port"),
+    (["--http-port", "70000"], {}, "--http-port"),
+    (["--grpc-port", "-1"], {}, "--grpc-port"),
+    (["--log-level", "LOUD"], {}, "--log-level"),
+    (["--log-format", "xml"], {}, "--log-format"),
+    ([], {"HTTP_PORT": "eighty"}, "HTTP_PORT"),
+    ([], {"GRPC_PORT": "99999"}, "GRPC_PORT"),
+    ([], {"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+    (["--no-such-flag"], {}, "--no-such-flag"),
+    (["--host", "not a host!"], {}, "not a host!"),
+])
+def test_bad_setting_exits_with_a_short_clear_message(args, env, names):
+    code, _, err = run_app(*args, env=env)
+    assert code != 0
+    assert names in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2, err
+
+
+def _taken_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
+def test_taken_port_is_named(flag):
+    sock, port = _taken_port()
+    try:
+        other = "--grpc-port" if flag == "--http-port" else "--http-port"
+        code, _, err = run_app("--host", "127.0.0.1", flag, str(port), other, "0")
+    finally:
+        sock.close()
+    assert code != 0
+    assert str(port) in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2, err
+
+
+def test_flag_beats_variable_and_ports_come_from_the_environment(start_server):
+    # A bad HTTP_PORT is never looked at when the flag is given.
+    srv = start_server(env={"HTTP_PORT": "not-a-port"})
+    assert requests.get(srv.url + "/healthz", timeout=5).json() == {"status": "ok"}
+    srv2 = start_server("--host", "127.0.0.1", env={"HTTP_PORT": "0", "GRPC_PORT": "0"}, port_flags=False)
+    assert requests.get(srv2.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_start_up_logs_one_line_per_listener(start_server):
+    srv = start_server()
+    log = srv.log()
+    assert f"127.0.0.1:{srv.http_port}" in log and f"127.0.0.1:{srv.grpc_port}" in log
+    assert sum("listening on" in line for line in log.splitlines()) == 2
+
+
+def test_json_logs_parse_and_carry_the_request_id(start_server):
+    srv = start_server("--log-format", "json")
+    requests.get(srv.url + "/healthz", headers={"X-Request-ID": "trace-123"}, timeout=5)
+    line = wait_for(lambda: next((ln for ln in srv.log().splitlines() if "trace-123" in ln), None),
+                    message="request log line")
+    record = json.loads(line)
+    assert record["request_id"] == "trace-123"
+    assert record["status"] == 200 and record["path"] == "/healthz" and record["method"] == "GET"
+    assert srv.stop() == 0
+    for ln in srv.log().splitlines():
+        json.loads(ln)  # every line is one JSON object
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_closes_websockets_with_1001_and_exits_0(start_server, sig):
+    srv = start_server()
+    clients = [simple_websocket.Client.connect(srv.ws_url + "?events=game_outcomes") for _ in range(20)]
+    for c in clients:
+        assert json.loads(c.receive(15))["type"] == "subscribed"
+    started = time.monotonic()
+    srv.proc.send_signal(sig)
+    codes = []
+    for c in clients:
+        try:
+            while c.receive(5) is not None:
+                pass
+        except simple_websocket.ConnectionClosed as exc:
+            codes.append(exc.reason)
+    code = srv.proc.wait(10)
+    assert time.monotonic() - started < 5
+    assert code == 0, srv.log()
+    assert codes == [1001] * len(clients)
+    assert "Traceback" not in srv.log()
+
+
+def test_sigterm_under_load_loses_nothing_acknowledged(start_server):
+    srv = start_server()
+    acks = {i: [] for i in range(4)}
+    stop = threading.Event()
+
+    def post(i):
+        with requests.Session() as s:
+            while not stop.is_set():
+                try:
+                    r = s.post(srv.url + "/api/wallet/deposit", json={"user_id": f"load{i}", "amount": 7}, timeout=5)
+                except requests.RequestException:
+                    return
+                if r.status_code != 200:
+                    return
+                acks[i].append(r.json()["balance"])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(len(a) >= 20 for a in acks.values()), message="deposits flowing")
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.proc.wait(10)
+    elapsed = time.monotonic() - started
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert code == 0, srv.log()
+    assert elapsed < 5
+    # Every acknowledged deposit was applied exactly once, in order: the k-th ack shows k deposits.
+    for balances in acks.values():
+        assert balances == [7 * (k + 1) for k in range(len(balances))]
+    assert "Traceback" not in srv.log()
