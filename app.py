@@ -15,6 +15,7 @@ from flask import Flask, Response, g, request
 from flask_sock import Sock
 from simple_websocket.errors import ConnectionError as WebSocketHandshakeError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 from wsproto.utilities import RemoteProtocolError
 
 import grpc_server
@@ -36,6 +37,12 @@ OPENAPI_PATH = os.path.join(HERE, "openapi.json")
 DASHBOARD_PATH = os.path.join(HERE, "static", "dashboard.html")
 
 
+class _AnyText(PathConverter):
+    """Matches any text, newlines and slashes included, so the validator (not the router) answers bad ids."""
+
+    regex = r"[^/][\s\S]*?"
+
+
 class ApiError(Exception):
     def __init__(self, status, code, message):
         super().__init__(message)
@@ -55,6 +62,14 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+_HUGE = 10**64  # stands in for integer literals too long to convert; every field rejects it by name
+
+
+def _parse_int(text):
+    # Python refuses to convert more than 4300 digits; such a literal is valid JSON, just an invalid value.
+    return int(text) if len(text) <= 100 else (-_HUGE if text.startswith("-") else _HUGE)
+
+
 def read_json_object():
     """The request body as a JSON object, whatever the Content-Type; ApiError when it is not one."""
     if (request.content_length or 0) > MAX_BODY:
@@ -64,7 +79,8 @@ def read_json_object():
     if len(raw) > MAX_BODY:
         raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        # Strict UTF-8 first: json.loads on bytes would let encoded surrogates through.
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_request", "request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -88,6 +104,7 @@ def idempotency_key():
 def create_app(store, hub):
     """Build the Flask app around its collaborators: the wallet store and the event hub."""
     app = Flask(__name__)
+    app.url_map.converters["segment"] = _AnyText
     sock = Sock(app)
     ws.register(app, sock, hub)
 
@@ -198,13 +215,13 @@ def create_app(store, hub):
         payout = field(body, "payout", validate_amount, minimum=0)
         return write(store.settle, user_id, game, bet, payout)
 
-    @app.get("/api/wallet/balance/<path:user_id>")
+    @app.get("/api/wallet/balance/<segment:user_id>")
     @app.get("/api/wallet/balance/", defaults={"user_id": ""})
     def balance(user_id):
         user_id = validate_user_id(user_id, allow_int=False)
         return json_response({"user_id": user_id, "balance": store.balance(user_id)})
 
-    @app.get("/api/wallet/transactions/<path:user_id>")
+    @app.get("/api/wallet/transactions/<segment:user_id>")
     @app.get("/api/wallet/transactions/", defaults={"user_id": ""})
     def transactions(user_id):
         user_id = validate_user_id(user_id, allow_int=False)

@@ -78,6 +78,7 @@ class Subscribers:
         stalled, rcvbuf = opts.get("stalled", False), opts.get("rcvbuf")
         timeout = opts.get("timeout", 120)
         started = time.monotonic()
+        first = len(self.conns)
         todo, waiting = n, []
         while todo or waiting:
             while todo and len(waiting) < MAX_HANDSHAKES_IN_FLIGHT:
@@ -91,7 +92,7 @@ class Subscribers:
             waiting = [w for w in waiting if w.state in ("handshake", "open")]
             if time.monotonic() - started > timeout:
                 break
-        live = [w for w in self.conns if w.state == "live"]
+        live = [w for w in self.conns[first:] if w.state == "live"]  # of the connections opened now
         for ws in live:
             if ws.stalled and ws.sock is not None:  # stop reading: the kernel buffers fill, then the server's
                 try:
