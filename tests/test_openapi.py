@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 
 from app import create_app
 from events import EventHub
+from validation import ValidationError, validate_user_id
 from wallet_store import WalletStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ TIMEOUT = 10
 # earlier generated request already used with another body): both are the contract, not a refusal of valid data.
 CONFIG = schemathesis.Config.from_dict({
     "seed": 20260101,
-    "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "404", "409", "422"]}},
+    "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "409", "422"]}},
 })
 schema = schemathesis.openapi.from_dict(copy.deepcopy(DOC), config=CONFIG)
 
@@ -77,8 +78,13 @@ def _schemas():
 
 
 def test_embedded_schemas_are_valid_json_schema_2020_12():
-    for where, value in _schemas():
-        jsonschema_rs.meta.validate({"$schema": "https://json-schema.org/draft/2020-12/schema", **value}), where
+    found = list(_schemas())
+    assert len(found) > 20
+    for where, value in found:
+        try:
+            jsonschema_rs.meta.validate({"$schema": "https://json-schema.org/draft/2020-12/schema", **value})
+        except jsonschema_rs.ValidationError as exc:
+            raise AssertionError(f"{where}: {exc}") from None
 
 
 def _resolve(pointer):
@@ -126,8 +132,6 @@ def test_error_schema(body, valid):
     (0, False), (-1, False), (10**64, False), (True, False), (None, False), (1.5, False),
 ])
 def test_user_id_schema_matches_validation(value, valid):
-    from validation import ValidationError, validate_user_id
-
     try:
         validate_user_id(value)
         accepted = True
@@ -298,3 +302,29 @@ def test_documented_payload_too_large(server):
     body = {"user_id": _uid(), "amount": 1, "padding": "x" * (64 * 1024)}
     r = _call(server, "/api/wallet/deposit", "POST", body=body)
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+
+
+# -- known deviations from the contract: xfail until the server is fixed ---------------------------------
+# CONTRACT.md section 3: "Every response body is JSON with Content-Type: application/json, errors and unknown
+# routes included", and a bad path value is a 400 invalid_request. Remove the marks once these pass (XPASS).
+
+
+@pytest.mark.xfail(reason="Werkzeug's slash redirects (strict_slashes, merge_slashes) answer 308 with an HTML body")
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/wallet/balance"),
+    ("GET", "/api/wallet/balance/%2F"),
+    ("GET", "/api/wallet/transactions/%2Fx"),
+    ("POST", "/api/wallet//deposit"),
+])
+def test_bad_paths_get_json_errors(server, method, path):
+    r = requests.request(method, server.url + path, data=b"{}", allow_redirects=False, timeout=TIMEOUT)
+    assert r.headers.get("Content-Type", "").split(";")[0] == "application/json", (r.status_code, r.text[:80])
+    assert r.status_code in (400, 404) and r.json()["error"] in ("invalid_request", "not_found")
+
+
+@pytest.mark.xfail(reason="Flask's automatic OPTIONS answers 200 with an empty text/html body")
+@pytest.mark.parametrize("path", ["/api/wallet/deposit", "/healthz"])
+def test_options_gets_json(server, path):
+    r = requests.options(server.url + path, timeout=TIMEOUT)
+    assert r.headers.get("Content-Type", "").split(";")[0] == "application/json", (r.status_code, r.text[:80])
+    assert isinstance(r.json(), dict)
