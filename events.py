@@ -48,6 +48,9 @@ class Subscriber:
         self._queue.append(message)
         self.wake()
 
+    def has_pending(self):
+        return bool(self._queue)
+
     def drain(self):
         """Take everything queued so far (the connection's writer calls this)."""
         out = []

@@ -4,6 +4,7 @@ import json
 import logging
 import struct
 import threading
+import time
 
 from flask import request
 from simple_websocket import ConnectionClosed
@@ -16,6 +17,7 @@ log = logging.getLogger("wallet.ws")
 MAX_MESSAGE_BYTES = 4096
 QUEUE_SIZE = 1000
 PING_INTERVAL = 25
+NUDGE_DELAY = 0.05
 STALL_TIMEOUT = 30  # a cut-off client that still reads nothing after this long is dropped without a close frame
 
 SERVER_OPTIONS = {"ping_interval": PING_INTERVAL, "max_message_size": MAX_MESSAGE_BYTES}
@@ -129,8 +131,22 @@ class Connection:
         except (_BadMessage, ValidationError) as exc:
             raise _BadMessage(str(exc), reply_id) from None
 
+    def nudge(self, send_ping=True):
+        """Make sure frames sent right after the handshake are not left unread by the client.
+
+        simple-websocket's client (1.1) reads the 101 response with one recv() and leaves any frame
+        that arrived in the same read unprocessed until more data comes. Sending something a moment
+        later (a ping, which every client answers, or the close frame) makes it process them.
+        """
+        time.sleep(NUDGE_DELAY)
+        if send_ping and self.ws.connected:
+            self.ws.sock.sendall(b"\x89\x00")  # an empty ping frame
+
     def run(self):
         ws, sub = self.ws, self.sub
+        if sub.has_pending():
+            self.flush()
+            self.nudge()
         while True:
             if ws.connected:
                 ws.event.wait(timeout=30.0)  # every state change sets the event; this is a backstop
@@ -208,6 +224,7 @@ def register(app, sock, hub):
             except (_BadMessage, ValidationError) as exc:
                 conn.error("invalid_request", str(exc.args[0]))
                 conn.flush()
+                conn.nudge(send_ping=False)
                 outcome = conn.close(1008, "invalid query")
                 return
             if events:

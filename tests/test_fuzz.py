@@ -70,8 +70,8 @@ def test_fuzzed_paths_and_queries(server, http, segment, query):
 
 
 @FUZZ
-@given(key=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300),
-       rid=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=200))
+@given(key=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300).map(str.strip),
+       rid=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=200).map(str.strip))
 def test_fuzzed_headers(server, http, key, rid):
     r = http.post(server.url + "/api/wallet/deposit", json={"user_id": "fuzzhdr", "amount": 1},
                   headers={"Idempotency-Key": key, "X-Request-ID": rid}, timeout=5)
