@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench demo proto install clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# requirements-schemathesis.txt includes requirements-dev.txt, which includes requirements.txt.
+$(STAMP): requirements.txt requirements-dev.txt requirements-schemathesis.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-schemathesis.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -165,3 +165,19 @@ def app_server(name="app"):
                                "--grpc-port", str(grpc_port)], [http_port, grpc_port])
     srv.http_port, srv.grpc_port = http_port, grpc_port
     return srv
+
+
+def cpu_snapshot():
+    """(seconds the whole machine was busy, seconds of CPU used by this process and its reaped children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields)) / tick
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
+def background_cpu(before, after, seconds):
+    """CPU used by processes other than the benchmark's own between two snapshots, as cores (0..nproc)."""
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, other) / seconds if seconds > 0 else 0.0

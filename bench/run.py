@@ -353,11 +353,22 @@ def row_stalled(cfg):
         after = pool.stats()
         out["stalled_queues_after"] = dict(zip(("client_recv_q", "server_send_q"),
                                                tcp_queues(slow_port, app.http_port), strict=True))
+        out["cut_off_in_log"] = app.log_text().count("subscriber cut off")
+        # The same 999 readers without the stalled client: separates the cost of fan-out from that of the stall.
+        pool.close_stalled()
+        time.sleep(1.0)
+        reading = []
+        for i in range(cfg.runs):
+            r = run_load(HOST, app.http_port, reqs, duration=cfg.duration, processes=cfg.loadgen_procs)
+            reading.append(r)
+            log(f"  row 5 run {i + 1}: 999 WS, none stalled: {r['rps']:7.0f} req/s  p99 {r['p99_ms']:6.1f} ms")
         out["stream"] = stream.stop()
         stream = None
         out["events_received_during"] = {k: after.get(k, 0) - before.get(k, 0) for k in ("game_outcome", "leaderboard")}
         out["closed_by_server"] = after.get("closed_by_server", 0)
-        out["cut_off_in_log"] = app.log_text().count("subscriber cut off")
+        out["no_stall"] = {"rps": _summ(reading, "rps"), "p99_ms": _summ(reading, "p99_ms"),
+                           "ratio": _summ(reading, "rps") / _summ(quiet, "rps"),
+                           "runs": [_strip(r) for r in reading]}
         out.update({
             "rps": _summ(loaded, "rps"), "p99_ms": _summ(loaded, "p99_ms"),
             "baseline_rps": _summ(quiet, "rps"), "baseline_p99_ms": _summ(quiet, "p99_ms"),
@@ -455,6 +466,10 @@ def table(rows):
                      f" {r['outcome_rate']:g} outcomes/s | {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.1f} ms"
                      f" | {r['baseline_rps']:,.0f} req/s, p99 {r['baseline_p99_ms']:.1f} ms (no WebSockets,"
                      f" same outcomes) | {r['ratio']:.2f} | ≥ 0.8 | {_ok(r['ratio'] >= 0.8)} |")
+        if "no_stall" in r:
+            n = r["no_stall"]
+            lines.append(f"| 5 | the same after the stalled client left (999 reading) | {n['rps']:,.0f} req/s,"
+                         f" p99 {n['p99_ms']:.1f} ms | as above | {n['ratio']:.2f} | (diagnostic) | |")
     if "memory" in rows:
         m = rows["memory"]
         lines.append(f"| 6 | memory per user, 10 ledger entries | {m['bytes_per_user']:,.0f} B/user; 1,000,000 users ≈"
@@ -503,11 +518,29 @@ def config(args):
     )
 
 
+def wait_idle(limit, window=3.0, threshold=0.15):
+    """Wait until other processes use under `threshold` cores over `window` seconds, at most `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while True:
+        snap = common.cpu_snapshot()
+        time.sleep(window)
+        other = common.background_cpu(snap, common.cpu_snapshot(), window)
+        if other < threshold:
+            log(f"machine idle (other processes: {other:.2f} cores)")
+            return True
+        if time.monotonic() > deadline:
+            log(f"machine still busy (other processes: {other:.2f} cores); measuring anyway")
+            return False
+        log(f"waiting for the machine to be idle (other processes: {other:.2f} cores)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", help="comma-separated row numbers (default: all)")
     parser.add_argument("--runs", type=int, help="runs per throughput figure (default 3)")
     parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to this long for other processes to leave the CPUs alone")
     args = parser.parse_args(argv)
     wanted = sorted(int(x) for x in args.rows.split(",")) if args.rows else sorted(ROWS)
     record = not args.rows and not args.quick and not args.runs
@@ -515,13 +548,17 @@ def main(argv=None):
     common.raise_nofile()
     info = common.machine()
     log(f"machine: {machine_line(info)}")
+    if args.wait_idle:
+        wait_idle(args.wait_idle)
     results = {"machine": info, "started": datetime.now(UTC).isoformat(timespec="seconds"), "config": vars(cfg),
                "rows": {}}
     started = time.monotonic()
+    first = common.cpu_snapshot()
+    results["background_cores"] = {}
     for n in wanted:
         name, fn = ROWS[n]
         log(f"row {n}: {fn.__doc__.splitlines()[0]}")
-        t = time.monotonic()
+        t, snap = time.monotonic(), common.cpu_snapshot()
         try:
             results["rows"][name] = fn(cfg)
         except Exception as exc:  # one broken row must not lose the others
@@ -529,10 +566,17 @@ def main(argv=None):
 
             traceback.print_exc()
             results["rows"][name + "_error"] = repr(exc)
-        log(f"row {n} took {time.monotonic() - t:.0f} s")
+        other = common.background_cpu(snap, common.cpu_snapshot(), time.monotonic() - t)
+        results["background_cores"][name] = round(other, 2)
+        log(f"row {n} took {time.monotonic() - t:.0f} s (other processes on the machine used {other:.2f} cores)")
     results["seconds"] = time.monotonic() - started
+    results["background_cores"]["all"] = round(common.background_cpu(first, common.cpu_snapshot(),
+                                                                     results["seconds"]), 2)
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     text = table(results["rows"])
+    busy = results["background_cores"]["all"]
+    text += (f"\n\nOther processes on the machine used {busy:.2f} of {info['nproc']} cores on average during the run"
+             f"{' (figures are noisier than on an idle machine)' if busy > 0.1 else ''}.")
     log("")
     log(text)
     log(f"\n{len(wanted)} rows in {results['seconds']:.0f} s; server logs in {common.LOGS.relative_to(ROOT)}/")

@@ -6,6 +6,7 @@ The process is driven over a multiprocessing Pipe by `SubscriberPool` in the par
     ("connect", n, query, opts) -> opens n more connections and waits until each got `subscribed`
     ("wait", marker, timeout)   -> receipt times (monotonic ns) of the game_outcome for user `marker`
     ("stats",)                  -> counters
+    ("close_stalled",)          -> closes the connections that stopped reading
     ("stop",)                   -> closes everything and exits
 
 Frames are timestamped right after recv() returns, before any parsing. Server pings are answered,
@@ -213,6 +214,11 @@ class Subscribers:
         elif kind == "stats":
             live = sum(1 for w in self.conns if w.state == "live" and not w.stalled)
             self.pipe.send({**self.counters, "live": live})
+        elif kind == "close_stalled":
+            stalled = [w for w in self.conns if w.stalled and w.state == "live"]
+            for ws in stalled:
+                self._close(ws)
+            self.pipe.send(len(stalled))
         elif kind == "stop":
             for ws in self.conns:
                 self._close(ws)
@@ -285,6 +291,10 @@ class SubscriberPool:
         """One connection, in the first process (used for the client that stops reading)."""
         self.pipes[0].send(("connect", 1, query, opts))
         return self.pipes[0].recv()
+
+    def close_stalled(self):
+        """Close the connections that stopped reading (the server then sees them go away)."""
+        return sum(self._all(("close_stalled",)))
 
     def receipts(self, marker, timeout=15.0):
         """Receipt times (monotonic ns) of one outcome on every live connection, and how many were expected."""
