@@ -103,7 +103,11 @@ def idempotency_key():
 
 def create_app(store, hub):
     """Build the Flask app around its collaborators: the wallet store and the event hub."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
+    # Every answer is the contract's JSON: no automatic OPTIONS replies, no HTML slash redirects.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
     app.url_map.converters["segment"] = _AnyText
     sock = Sock(app)
     ws.register(app, sock, hub)

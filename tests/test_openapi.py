@@ -304,12 +304,10 @@ def test_documented_payload_too_large(server):
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
 
 
-# -- known deviations from the contract: xfail until the server is fixed ---------------------------------
 # CONTRACT.md section 3: "Every response body is JSON with Content-Type: application/json, errors and unknown
-# routes included", and a bad path value is a 400 invalid_request. Remove the marks once these pass (XPASS).
+# routes included", and a bad path value is a 400 invalid_request: no HTML redirects, no automatic OPTIONS.
 
 
-@pytest.mark.xfail(reason="Werkzeug's slash redirects (strict_slashes, merge_slashes) answer 308 with an HTML body")
 @pytest.mark.parametrize("method, path", [
     ("GET", "/api/wallet/balance"),
     ("GET", "/api/wallet/balance/%2F"),
@@ -322,9 +320,8 @@ def test_bad_paths_get_json_errors(server, method, path):
     assert r.status_code in (400, 404) and r.json()["error"] in ("invalid_request", "not_found")
 
 
-@pytest.mark.xfail(reason="Flask's automatic OPTIONS answers 200 with an empty text/html body")
 @pytest.mark.parametrize("path", ["/api/wallet/deposit", "/healthz"])
-def test_options_gets_json(server, path):
+def test_options_is_method_not_allowed_json(server, path):
     r = requests.options(server.url + path, timeout=TIMEOUT)
     assert r.headers.get("Content-Type", "").split(";")[0] == "application/json", (r.status_code, r.text[:80])
-    assert isinstance(r.json(), dict)
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
