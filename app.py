@@ -353,7 +353,7 @@ def main(argv=None, environ=None):
     serving.start()
     host, port = server.server_address[:2]
     log.info("HTTP and WebSocket listening on http://%s:%d (ws://%s:%d/ws)", host, port, host, port)
-    log.info("gRPC listening on %s:%d", settings.host, grpc_service.port)
+    logging.getLogger("wallet.grpc").info("gRPC listening on %s:%d", settings.host, grpc_service.port)
 
     while not stop.wait(1.0):
         pass
