@@ -371,7 +371,11 @@ def shutdown(server, grpc_service, hub, budget=4.0):
     server.shutdown()  # stop accepting; the listening socket closes below
     server.server_close()
     closed = hub.close_all(1001)
-    drained = server.drain(timeout=max(0.1, deadline - time.monotonic() - 1.0))
+    drained = server.drain(timeout=max(0.1, deadline - time.monotonic() - 1.5))
+    # Give clients a moment to answer the close frames, so most WebSockets end with a clean handshake.
+    settle = time.monotonic() + min(1.0, max(0.0, deadline - time.monotonic() - 1.0))
+    while hub.connection_count() and time.monotonic() < settle:
+        time.sleep(0.05)
     leftover = server.close_connections()
     grpc_stopped.join(timeout=max(0.1, deadline - time.monotonic()))
     hub.stop()

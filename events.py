@@ -33,10 +33,15 @@ class Subscriber:
     subscriber was cut off or asked to close; it must not block.
     """
 
-    def __init__(self, wake, queue_size=1000, on_cutoff=None):
+    def __init__(self, wake, queue_size=1000, on_cutoff=None, try_send=None, close_now=None):
         self.wake = wake
         self.queue_size = queue_size
         self.on_cutoff = on_cutoff
+        # Optional fast path, called by the dispatcher: deliver a message at once without waking the
+        # connection's thread; returns False when it could not (the message is then queued).
+        self.try_send = try_send
+        # Optional: close the connection from the caller's thread; returns False when it could not.
+        self.close_now = close_now
         self.events = set()
         self.user_id = None
         self.cut_off = False  # queue overflowed: the connection must close with 1013
@@ -139,7 +144,8 @@ class EventHub:
             subscribers = list(self._connections)
         for sub in subscribers:
             sub.close_code = code
-            sub.wake()
+            if sub.close_now is None or not sub.close_now(code):
+                sub.wake()
         return len(subscribers)
 
     def connection_count(self):
@@ -178,6 +184,9 @@ class EventHub:
             return
         message = Message(dumps({"type": kind, "seq": seq, "data": data}))  # encoded once for all
         for sub in list(targets):
+            # Most subscribers keep up: one non-blocking send from here, and their threads stay asleep.
+            if not sub._queue and sub.try_send is not None and sub.try_send(message):
+                continue
             if len(sub._queue) >= sub.queue_size:
                 self._cut_off(sub)
             else:

@@ -27,11 +27,12 @@ class LockedSocket:
     """The connection socket with every write serialized.
 
     simple-websocket writes pongs and pings from its reader thread while our
-    handler thread writes events; unserialized, frames could interleave.
+    handler thread and the event dispatcher write events; unserialized, frames
+    could interleave. Hold `lock` and use `raw` to write several frames at once.
     """
 
     def __init__(self, sock):
-        self._sock = sock
+        self._sock = self.raw = sock
         self.lock = threading.Lock()
 
     def send(self, data):
@@ -137,7 +138,8 @@ class RequestHandler(WSGIRequestHandler):
             self.close_connection = True  # chunked: simplest to not reuse the connection
         elif environ.get("CONTENT_LENGTH"):
             counter = environ["wsgi.input"] = _CountingInput(environ["wsgi.input"])
-        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+        websocket = environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+        if websocket:
             conn = self.connection
             conn.settimeout(None)  # a WebSocket may be idle for as long as it likes; pings watch it
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_SEND_BUFFER)
@@ -150,7 +152,9 @@ class RequestHandler(WSGIRequestHandler):
         def start_response(status, headers, exc_info=None):
             status_headers[:] = [status, headers]
 
-        server.request_started()
+        # WebSockets are closed by the hub at shutdown; the drain waits only for plain requests.
+        if not websocket:
+            server.request_started()
         try:
             try:
                 result = server.app(environ, start_response)
@@ -175,7 +179,8 @@ class RequestHandler(WSGIRequestHandler):
             self.wfile.write(head if self.command == "HEAD" else head + body)
             self.close_connection = not keep_alive
         finally:
-            server.request_finished()
+            if not websocket:
+                server.request_finished()
 
 
 class Server(ThreadedWSGIServer):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import socket
 import struct
 import threading
 import time
@@ -21,6 +22,12 @@ NUDGE_DELAY = 0.05
 STALL_TIMEOUT = 30  # a cut-off client that still reads nothing after this long is dropped without a close frame
 
 SERVER_OPTIONS = {"ping_interval": PING_INTERVAL, "max_message_size": MAX_MESSAGE_BYTES}
+
+
+def frame_of(message):
+    if message.frame is None:
+        message.frame = encode_frame(message.text)  # once per event, whichever thread gets there first
+    return message.frame
 
 
 def encode_frame(text):
@@ -66,7 +73,9 @@ class Connection:
         self.peer = peer
         self.user_id = None
         self.events = set()
-        self.sub = Subscriber(ws.event.set, QUEUE_SIZE, on_cutoff=self._stall_watch)
+        self.lock, self.raw = ws.sock.lock, ws.sock.raw  # see http_server.LockedSocket
+        self.sub = Subscriber(ws.event.set, QUEUE_SIZE, on_cutoff=self._stall_watch, try_send=self.try_send,
+                              close_now=self.close_now)
         self.finished = threading.Event()
 
     def _stall_watch(self):
@@ -151,6 +160,9 @@ class Connection:
             if ws.connected:
                 ws.event.wait(timeout=30.0)  # every state change sets the event; this is a backstop
             ws.event.clear()
+            if sub.close_code and not ws.connected:  # close_now() already sent the close frame
+                ws.thread.join(timeout=1.0)
+                return f"closed with {sub.close_code}"
             try:
                 while (raw := ws.receive(timeout=0)) is not None:
                     self._handle_safely(raw)
@@ -175,15 +187,47 @@ class Connection:
             log.info("ws %s bad message: %s", self.peer, exc.args[0])
 
     def flush(self):
-        messages = self.sub.drain()
-        if not messages:
-            return
-        frames = []
-        for m in messages:
-            if m.frame is None:
-                m.frame = encode_frame(m.text)
-            frames.append(m.frame)
-        self.ws.sock.sendall(b"".join(frames))
+        # Under the lock, so the dispatcher's fast path cannot overtake messages taken from the queue.
+        with self.lock:
+            messages = self.sub.drain()
+            if messages:
+                self.raw.sendall(b"".join(frame_of(m) for m in messages))
+
+    def try_send(self, message):
+        """Dispatcher fast path: one non-blocking send; False (queue it) when busy, behind or blocked."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self.sub._queue or not self.ws.connected:
+                return False
+            frame = frame_of(message)
+            try:
+                sent = self.raw.send(frame, socket.MSG_DONTWAIT)
+            except OSError:  # EAGAIN: the client is behind; other errors: its thread will find out
+                return False
+            if sent < len(frame):
+                rest = Message(None)
+                rest.frame = frame[sent:]
+                self.sub._queue.append(rest)  # the rest of this frame must go out before anything else
+                self.sub.wake()
+            return True
+        finally:
+            self.lock.release()
+
+    def close_now(self, code):
+        """Shutdown path, from the main thread: send the close frame without waiting on this connection."""
+        if not self.lock.acquire(timeout=0.05):
+            return False  # its thread is mid-send; it will close when it wakes
+        try:
+            self.sub.drain()
+            self.raw.send(struct.pack("!BBH", 0x88, 2, code), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        finally:
+            self.lock.release()
+        self.ws.connected = False  # the library will not send another close frame
+        self.ws.event.set()
+        return True
 
     def close(self, code, reason):
         if self.sub.cut_off:

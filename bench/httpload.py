@@ -152,7 +152,7 @@ def run_load(host, port, requests, duration=5.0, warmup=0.5, processes=1):
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     chunks = [requests[i::processes] for i in range(processes)]
-    start_at = time.monotonic() + 1.0 + 0.2 * processes  # lets every worker connect before the clock starts
+    start_at = time.monotonic() + 0.6 + 0.2 * processes  # lets every worker connect before the clock starts
     procs = [ctx.Process(target=worker, args=(host, port, chunk, start_at, warmup, duration, out), daemon=True)
              for chunk in chunks if chunk]
     for p in procs:
