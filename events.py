@@ -149,8 +149,8 @@ class EventHub:
         return len(subscribers)
 
     def connection_count(self):
-        with self._cond:
-            return len(self._connections)
+        # No lock: at shutdown thousands of closing connections contend for it, and len() is atomic.
+        return len(self._connections)
 
     # -- dispatcher ----------------------------------------------------------
 

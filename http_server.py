@@ -83,13 +83,6 @@ class RequestHandler(WSGIRequestHandler):
         super().setup()
         self.connection.settimeout(IDLE_TIMEOUT)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self, True)
-
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            self.server.track(self, False)
 
     def handle(self):
         try:
@@ -184,7 +177,7 @@ class RequestHandler(WSGIRequestHandler):
 
 
 class Server(ThreadedWSGIServer):
-    """Threaded server over a socket bound by the caller, with connection tracking for the drain."""
+    """Threaded server over a socket bound by the caller, counting requests in flight for the drain."""
 
     block_on_close = False  # shutdown is handled by drain(), which bounds the wait
     daemon_threads = True
@@ -195,12 +188,7 @@ class Server(ThreadedWSGIServer):
         sock.close()  # Werkzeug duplicated the descriptor
         self.draining = False
         self._lock = threading.Condition()
-        self._connections = set()
         self._in_flight = 0
-
-    def track(self, handler, alive):
-        with self._lock:
-            (self._connections.add if alive else self._connections.discard)(handler)
 
     def request_started(self):
         with self._lock:
@@ -219,17 +207,6 @@ class Server(ThreadedWSGIServer):
     def in_flight(self):
         with self._lock:
             return self._in_flight
-
-    def close_connections(self):
-        """Shut every remaining socket so idle keep-alive and stuck threads end now."""
-        with self._lock:
-            handlers = list(self._connections)
-        for handler in handlers:
-            try:
-                handler.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        return len(handlers)
 
 
 def bind(host, port, what="HTTP"):

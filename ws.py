@@ -225,8 +225,10 @@ class Connection:
             pass
         finally:
             self.lock.release()
-        self.ws.connected = False  # the library will not send another close frame
-        self.ws.event.set()
+        # The library will not send another close frame. This thread is not woken: with thousands of
+        # connections, waking them all would starve the shutdown of the GIL; the client's close reply
+        # (or EOF) wakes the reader, which wakes this connection's thread.
+        self.ws.connected = False
         return True
 
     def close(self, code, reason):

@@ -181,3 +181,15 @@ def background_cpu(before, after, seconds):
     """CPU used by processes other than the benchmark's own between two snapshots, as cores (0..nproc)."""
     other = (after[0] - before[0]) - (after[1] - before[1])
     return max(0.0, other) / seconds if seconds > 0 else 0.0
+
+
+def code_state():
+    """The commit measured and the files that differed from it (read-only git; None outside a checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head or None, "modified": sorted(line[3:] for line in status.splitlines() if line.strip())}

@@ -332,9 +332,9 @@ def row_stalled(cfg):
         # join, a burst of outcomes fills its socket buffers, so that it is stalled for the whole measurement.
         slow = pool.connect_one("events=game_outcomes,leaderboard", stalled=True, rcvbuf=4096)
         slow_port = slow["stalled_ports"][0]
-        for k in range(cfg.stall_burst):
+        for k in range(cfg.stall_burst):  # payout 1: these players stay out of the top 10 the stream churns
             client.post("/api/games/outcomes", {"user_id": f"burst{k % 20}", "game": "slots", "bet": 0,
-                                                "payout": 1000 + k})
+                                                "payout": 1})
         time.sleep(0.5)
         out["stalled_queues_before"] = dict(zip(("client_recv_q", "server_send_q"),
                                                 tcp_queues(slow_port, app.http_port), strict=True))
@@ -478,6 +478,13 @@ def table(rows):
     return "\n".join(lines)
 
 
+def describe_code(code):
+    if not code or not code["commit"]:
+        return "not a git checkout"
+    changes = f" plus local changes to {', '.join(code['modified'])}" if code["modified"] else ""
+    return f"commit {code['commit']}{changes}"
+
+
 def machine_line(info):
     return (f"{info['nproc']} CPUs ({info['cpu_model']}), {info['memory_mib']:,} MiB RAM, "
             f"{info['implementation']} {info['python']}, Linux {info['kernel']}, "
@@ -486,7 +493,7 @@ def machine_line(info):
 
 def write_doc(results, text):
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    block = (f"{start}\n_Last run: {results['finished']}, {results['seconds']:.0f} s,"
+    block = (f"{start}\n_Last run: {results['finished']}, {results['seconds']:.0f} s, {describe_code(results['code'])},"
              f" on {machine_line(results['machine'])}._\n\n{text}\n{end}")
     doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
     if start in doc and end in doc:
@@ -513,7 +520,7 @@ def config(args):
         stalled_conns=16,
         stalled_subscribers=1000,
         outcome_rate=5.0,
-        stall_burst=200,
+        stall_burst=600,
         memory_users=20_000 if quick else 200_000,
     )
 
@@ -551,7 +558,8 @@ def main(argv=None):
     if args.wait_idle:
         wait_idle(args.wait_idle)
     results = {"machine": info, "started": datetime.now(UTC).isoformat(timespec="seconds"), "config": vars(cfg),
-               "rows": {}}
+               "code": common.code_state(), "rows": {}}
+    log(f"code: {describe_code(results['code'])}")
     started = time.monotonic()
     first = common.cpu_snapshot()
     results["background_cores"] = {}
@@ -573,6 +581,9 @@ def main(argv=None):
     results["background_cores"]["all"] = round(common.background_cpu(first, common.cpu_snapshot(),
                                                                      results["seconds"]), 2)
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["code_at_end"] = common.code_state()
+    if results["code_at_end"] != results["code"]:
+        log(f"note: the code changed during the run (now {describe_code(results['code_at_end'])})")
     text = table(results["rows"])
     busy = results["background_cores"]["all"]
     text += (f"\n\nOther processes on the machine used {busy:.2f} of {info['nproc']} cores on average during the run"
