@@ -161,7 +161,6 @@ class Connection:
                 ws.event.wait(timeout=30.0)  # every state change sets the event; this is a backstop
             ws.event.clear()
             if sub.close_code and not ws.connected:  # close_now() already sent the close frame
-                ws.thread.join(timeout=1.0)
                 return f"closed with {sub.close_code}"
             try:
                 while (raw := ws.receive(timeout=0)) is not None:
