@@ -75,7 +75,11 @@ def read_json_object():
     if (request.content_length or 0) > MAX_BODY:
         raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
     # Reading one byte past the limit catches chunked bodies too, which carry no length.
-    raw = request.stream.read(MAX_BODY + 1)
+    try:
+        raw = request.stream.read(MAX_BODY + 1)
+    except (OSError, ValueError):  # a malformed or cut-off chunked body
+        request.environ["wallet.close_connection"] = True
+        raise ApiError(400, "invalid_request", "request body is malformed (bad chunked encoding)") from None
     if len(raw) > MAX_BODY:
         raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
     try:
@@ -185,8 +189,9 @@ def create_app(store, hub):
             return json_response(body, status)
         canonical = json.dumps(request_body(), sort_keys=True, separators=(",", ":"))
         try:
-            status, body, replayed = store.run_idempotent(key, fingerprint(request.method, request.path, canonical),
-                                                          run)
+            # The route, not the raw path: /deposit and /deposit/ are one endpoint.
+            route = request.url_rule.rule if request.url_rule else request.path
+            status, body, replayed = store.run_idempotent(key, fingerprint(request.method, route, canonical), run)
         except WalletError as exc:
             return json_response(exc.body(), exc.status)
         return json_response(body, status, {"Idempotent-Replayed": "true"} if replayed else None)

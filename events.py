@@ -13,7 +13,8 @@ _TOPIC_OF = {"game_outcome": "game_outcomes", "leaderboard": "leaderboard", "bal
 
 
 def dumps(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    # ASCII escapes: a client's text (an echoed id may hold a lone surrogate) always encodes.
+    return json.dumps(obj, separators=(",", ":"))
 
 
 class Message:
@@ -50,7 +51,10 @@ class Subscriber:
 
     def put(self, message):
         """Queue a reply of the connection itself (it counts toward the cap like any message)."""
-        self._queue.append(message)
+        if len(self._queue) >= self.queue_size:
+            self.cut_off = True  # a client that floods requests without reading the answers
+        else:
+            self._queue.append(message)
         self.wake()
 
     def has_pending(self):

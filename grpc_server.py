@@ -42,6 +42,23 @@ def _code_name(context, default):
     return code.name if code is not None else default
 
 
+_UNDECODABLE = object()
+
+
+def _tolerant(deserializer):
+    """A request that does not parse is the client's mistake: INVALID_ARGUMENT and a log line, not a traceback."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data):
+        try:
+            return deserializer(data)
+        except Exception:
+            return _UNDECODABLE
+
+    return deserialize
+
+
 _HANDLER_FACTORIES = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
     "unary_stream": grpc.unary_stream_rpc_method_handler,
@@ -65,8 +82,10 @@ class LoggingInterceptor(grpc.ServerInterceptor):
         for kind, factory in _HANDLER_FACTORIES.items():
             behavior = getattr(handler, kind)
             if behavior is not None:
-                wrap = self._unary if kind == "unary_unary" else self._stream
-                return factory(wrap(behavior, method, started), handler.request_deserializer,
+                if kind == "unary_unary":
+                    return factory(self._unary(behavior, method, started),
+                                   _tolerant(handler.request_deserializer), handler.response_serializer)
+                return factory(self._stream(behavior, method, started), handler.request_deserializer,
                                handler.response_serializer)
         return handler
 
@@ -75,6 +94,9 @@ class LoggingInterceptor(grpc.ServerInterceptor):
         def wrapper(request, context):
             code = "UNKNOWN"  # an exception other than abort() reaches the client as UNKNOWN
             try:
+                if request is _UNDECODABLE:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "request is not a valid message (user_id must be valid UTF-8)")
                 response = behavior(request, context)
                 code = _code_name(context, "OK")
                 return response

@@ -123,15 +123,17 @@ class RequestHandler(WSGIRequestHandler):
 
     def run_wsgi(self):
         server = self.server
-        if self.headers.get("Expect", "").lower().strip() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        lengths = set(self.headers.get_all("Content-Length") or ())
+        if len(lengths) > 1 or any(not v.strip().isdigit() for v in lengths):
+            self.send_error(400, "invalid Content-Length header")
+            return
         environ = self.make_environ()
         counter = None
         if environ.get("wsgi.input_terminated"):
             self.close_connection = True  # chunked: simplest to not reuse the connection
         elif environ.get("CONTENT_LENGTH"):
             counter = environ["wsgi.input"] = _CountingInput(environ["wsgi.input"])
-        websocket = environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+        websocket = environ.get("HTTP_UPGRADE", "").lower() == "websocket" and environ["PATH_INFO"] == "/ws"
         if websocket:
             conn = self.connection
             conn.settimeout(None)  # a WebSocket may be idle for as long as it likes; pings watch it
@@ -164,7 +166,7 @@ class RequestHandler(WSGIRequestHandler):
                 self.close_connection = True  # the socket now belongs to the finished WebSocket
                 return
             length = int(environ.get("CONTENT_LENGTH") or 0)
-            if counter is not None and counter.count < length:
+            if environ.get("wallet.close_connection") or (counter is not None and counter.count < length):
                 self.close_connection = True  # unread body bytes would be parsed as the next request
             keep_alive = not self.close_connection and not server.draining
             status = int(status_headers[0].split(None, 1)[0])

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import select
 import socket
 import struct
 import threading
@@ -163,8 +164,13 @@ class Connection:
             if sub.close_code and not ws.connected:  # close_now() already sent the close frame
                 return f"closed with {sub.close_code}"
             try:
-                while (raw := ws.receive(timeout=0)) is not None:
+                # A bounded batch per pass, so a flooding client still gets flushed and cut off.
+                for _ in range(100):
+                    if (raw := ws.receive(timeout=0)) is None:
+                        break
                     self._handle_safely(raw)
+                else:
+                    ws.event.set()  # more input is waiting
             except ConnectionClosed:
                 return "client closed"
             self.flush()
@@ -190,7 +196,19 @@ class Connection:
         with self.lock:
             messages = self.sub.drain()
             if messages:
-                self.raw.sendall(b"".join(frame_of(m) for m in messages))
+                self._send_all(b"".join(frame_of(m) for m in messages))
+
+    def _send_all(self, data):
+        """sendall that gives up on a client that reads nothing for STALL_TIMEOUT, or floods us meanwhile."""
+        view, deadline = memoryview(data), time.monotonic() + STALL_TIMEOUT
+        while view:
+            try:
+                view = view[self.raw.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                if time.monotonic() > deadline or len(self.ws.input_buffer) > QUEUE_SIZE:
+                    self.raw.shutdown(socket.SHUT_RDWR)
+                    raise ConnectionClosed(1013, "client stopped reading") from None
+                select.select([], [self.raw], [], 1.0)
 
     def try_send(self, message):
         """Dispatcher fast path: one non-blocking send; False (queue it) when busy, behind or blocked."""

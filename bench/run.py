@@ -411,6 +411,17 @@ def _ok(flag):
     return "yes" if flag else "**no**"
 
 
+def report(results):
+    busy = results["background_cores"]["all"]
+    return (table(results["rows"]) + f"\n\nOther processes on the machine used {busy:.2f} of"
+            f" {results['machine']['nproc']} cores on average while it measured"
+            f"{' (figures are noisier than on an idle machine)' if busy > 0.1 else ''}.")
+
+
+def _ms(value):
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def table(rows):
     lines = ["| # | measurement | result | baseline (same run) | ratio | target | met |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -435,7 +446,7 @@ def table(rows):
                 lines.append(f"| 3 | WebSocket fan-out, {n:,} subscribers | {r['connected']:,} connected, no delivery"
                              f" | | | | **no** |")
                 continue
-            res = (f"p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} / max {r['max_ms']:.0f} ms;"
+            res = (f"p50 {_ms(r['p50_ms'])} / p99 {_ms(r['p99_ms'])} / max {_ms(r['max_ms'])} ms;"
                    f" RSS {r['rss_per_conn_kib']:.0f} KiB per connection ({r['rss_kib'] / 1024:.0f} MiB total,"
                    f" {r['threads']:,} threads)")
             if not r["all_delivered"]:
@@ -547,24 +558,33 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, help="runs per throughput figure (default 3)")
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--wait-idle", type=float, default=30, metavar="SECONDS",
-                        help="first wait up to this long for other processes to leave the CPUs alone (default 30)")
+                        help="before each row, wait up to this long for other processes to leave the CPUs alone"
+                             " (default 30)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rebuild the table in BENCHMARKS.md from bench/results.json")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(RESULTS.read_text())
+        text = report(results)
+        write_doc(results, text)
+        log(text)
+        return 0
     wanted = sorted(int(x) for x in args.rows.split(",")) if args.rows else sorted(ROWS)
     record = not args.rows and not args.quick and not args.runs
     cfg = config(args)
     common.raise_nofile()
     info = common.machine()
     log(f"machine: {machine_line(info)}")
-    if args.wait_idle:
-        wait_idle(args.wait_idle)
     results = {"machine": info, "started": datetime.now(UTC).isoformat(timespec="seconds"), "config": vars(cfg),
                "code": common.code_state(), "rows": {}}
     log(f"code: {describe_code(results['code'])}")
     started = time.monotonic()
-    first = common.cpu_snapshot()
+    other_core_seconds = row_seconds = 0.0
     results["background_cores"] = {}
     for n in wanted:
         name, fn = ROWS[n]
+        if args.wait_idle:  # before each row: other work on a 2-core machine is the main source of noise
+            wait_idle(args.wait_idle)
         log(f"row {n}: {fn.__doc__.splitlines()[0]}")
         t, snap = time.monotonic(), common.cpu_snapshot()
         try:
@@ -574,20 +594,20 @@ def main(argv=None):
 
             traceback.print_exc()
             results["rows"][name + "_error"] = repr(exc)
-        other = common.background_cpu(snap, common.cpu_snapshot(), time.monotonic() - t)
+        took = time.monotonic() - t
+        other = common.background_cpu(snap, common.cpu_snapshot(), took)
         results["background_cores"][name] = round(other, 2)
+        other_core_seconds += other * took
+        row_seconds += took
         log(f"row {n} took {time.monotonic() - t:.0f} s (other processes on the machine used {other:.2f} cores)")
     results["seconds"] = time.monotonic() - started
-    results["background_cores"]["all"] = round(common.background_cpu(first, common.cpu_snapshot(),
-                                                                     results["seconds"]), 2)
+    results["measuring_seconds"] = row_seconds
+    results["background_cores"]["all"] = round(other_core_seconds / row_seconds, 2) if row_seconds else 0.0
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["code_at_end"] = common.code_state()
     if results["code_at_end"] != results["code"]:
         log(f"note: the code changed during the run (now {describe_code(results['code_at_end'])})")
-    text = table(results["rows"])
-    busy = results["background_cores"]["all"]
-    text += (f"\n\nOther processes on the machine used {busy:.2f} of {info['nproc']} cores on average during the run"
-             f"{' (figures are noisier than on an idle machine)' if busy > 0.1 else ''}.")
+    text = report(results)
     log("")
     log(text)
     log(f"\n{len(wanted)} rows in {results['seconds']:.0f} s; server logs in {common.LOGS.relative_to(ROOT)}/")
