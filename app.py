@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import threading
@@ -321,11 +322,25 @@ def parse_settings(argv, environ):
     return argparse.Namespace(**settings)
 
 
+def _raise_open_file_limit():
+    # Each WebSocket holds two descriptors (its socket and the library's selector); a soft limit of
+    # 1024 would stop the service at about 500 connections.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    log.info("open-file limit %s (about %s WebSockets)", soft, soft // 2 if soft != resource.RLIM_INFINITY else "any")
+
+
 def main(argv=None, environ=None):
 
 
     settings = parse_settings(sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ)
     logs.setup(settings.log_level, settings.log_format)
+    _raise_open_file_limit()
     threading.stack_size(512 * 1024)  # two threads per WebSocket: keep their reserved stacks small
 
     try:
@@ -388,11 +403,13 @@ def shutdown(server, grpc_service, hub, budget=4.0):
     grpc_stopped.join(timeout=max(0.1, deadline - time.monotonic()))
     log.info("stopped: %d WebSockets sent 1001, requests drained=%s, %d WebSockets still closing",
              closed, drained, hub.connection_count())
+    logs.stop()
     logging.shutdown()
 
 
 if __name__ == "__main__":
     code = main()
+    logs.stop()
     sys.stdout.flush()
     sys.stderr.flush()
     # Library reader threads are not daemons: end the process without waiting for them. Every request

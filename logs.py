@@ -3,6 +3,8 @@
 import contextvars
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 
@@ -49,12 +51,35 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_listener = None
+
+
 def setup(level="INFO", fmt="text", stream=None):
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    """Log through a queue: request threads only enqueue records; one thread formats and writes them.
+
+    Writing and flushing stderr under the handler's lock in every request thread made them queue on
+    that lock under load. Call stop() before exiting so every queued line is written.
+    """
+    global _listener
+    stop()
+    writer = logging.StreamHandler(stream or sys.stderr)
+    writer.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    records = queue.SimpleQueue()
+    handler = logging.handlers.QueueHandler(records)
+    handler.addFilter(_RequestIdFilter())  # runs in the logging thread, where the request id is known
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging._srcfile = None  # no caller file/line lookup per record: the formats do not use it
     # Werkzeug's own request lines would duplicate ours.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    _listener = logging.handlers.QueueListener(records, writer)
+    _listener.start()
+
+
+def stop():
+    """Write out every queued record and stop the writer thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
