@@ -24,7 +24,7 @@ import http_server
 import logs
 import ws
 from events import EventHub
-from validation import ValidationError, validate_amount, validate_game, validate_limit, validate_user_id
+from validation import ValidationError, parse_json, validate_amount, validate_game, validate_limit, validate_user_id
 from wallet_store import WalletError, WalletStore, fingerprint
 
 log = logging.getLogger("wallet.http")
@@ -59,18 +59,6 @@ def json_response(body, status=200, headers=None):
     return Response(json.dumps(body, separators=(",", ":")), status, headers, mimetype="application/json")
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed in JSON")
-
-
-_HUGE = 10**64  # stands in for integer literals too long to convert; every field rejects it by name
-
-
-def _parse_int(text):
-    # Python refuses to convert more than 4300 digits; such a literal is valid JSON, just an invalid value.
-    return int(text) if len(text) <= 100 else (-_HUGE if text.startswith("-") else _HUGE)
-
-
 def read_json_object():
     """The request body as a JSON object, whatever the Content-Type; ApiError when it is not one."""
     if (request.content_length or 0) > MAX_BODY:
@@ -84,8 +72,7 @@ def read_json_object():
     if len(raw) > MAX_BODY:
         raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY} bytes")
     try:
-        # Strict UTF-8 first: json.loads on bytes would let encoded surrogates through.
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
+        body = parse_json(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_request", "request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -130,9 +117,10 @@ def create_app(store, hub):
         if not request.environ.get("wallet.websocket"):
             elapsed = round((time.perf_counter() - g.get("start", time.perf_counter())) * 1000, 2)
             path = _printable(request.path)
-            log.info("%s %s %d %.1fms rid=%s", request.method, path, response.status_code, elapsed,
-                     g.get("request_id"), extra={"method": request.method, "path": path,
-                                                  "status": response.status_code, "duration_ms": elapsed})
+            # The request id is added to the line by the log formatter, as on every line of a request.
+            log.info("%s %s %d %.1fms", request.method, path, response.status_code, elapsed,
+                     extra={"method": request.method, "path": path, "status": response.status_code,
+                            "duration_ms": elapsed})
         return response
 
     @app.teardown_request

@@ -69,7 +69,7 @@ class _CountingInput:
         return iter(self.readline, b"")
 
 
-def error_body(status, code, message):
+def error_body(code, message):
     return json.dumps({"error": code, "message": message}).encode()
 
 
@@ -94,7 +94,7 @@ class RequestHandler(WSGIRequestHandler):
         """Malformed request lines and headers get the contract's JSON error, not an HTML page."""
         status = 400 if code not in (413, 414, 431, 501, 505) else code
         kind = "payload_too_large" if code == 413 else "invalid_request"
-        body = error_body(status, kind, message or "malformed HTTP request")
+        body = error_body(kind, message or "malformed HTTP request")
         self.close_connection = True
         try:
             self.wfile.write(self._head(status, [("Content-Type", "application/json")], len(body), False) + body)
@@ -160,7 +160,7 @@ class RequestHandler(WSGIRequestHandler):
                         result.close()
             except Exception:
                 log.exception("unhandled error in the WSGI app")
-                body = error_body(500, "internal_error", "internal server error")
+                body = error_body("internal_error", "internal server error")
                 status_headers[:] = ["500 INTERNAL SERVER ERROR", [("Content-Type", "application/json")]]
             if environ.get("wallet.websocket"):
                 self.close_connection = True  # the socket now belongs to the finished WebSocket
@@ -205,10 +205,6 @@ class Server(ThreadedWSGIServer):
         """Wait for requests in flight (WebSockets excluded by the caller closing them first)."""
         with self._lock:
             return self._lock.wait_for(lambda: self._in_flight == 0, timeout)
-
-    def in_flight(self):
-        with self._lock:
-            return self._in_flight
 
 
 def bind(host, port, what="HTTP"):

@@ -27,7 +27,7 @@ class _TextFormatter(logging.Formatter):
 
     def format(self, record):
         line = super().format(record)
-        if record.request_id and "rid=" not in record.getMessage():
+        if record.request_id:
             line += f" rid={record.request_id}"
         return line
 

@@ -1,5 +1,6 @@
 """Input rules shared by HTTP, WebSocket and gRPC: user ids, game names, amounts."""
 
+import json
 import re
 
 INT64_MAX = 2**63 - 1
@@ -57,3 +58,25 @@ def validate_limit(raw, field="limit", default=50, maximum=1000):
     if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= maximum:
         raise ValidationError(f"{field} must be an integer from 1 to {maximum}")
     return int(raw)
+
+
+_HUGE = 10**64  # stands in for integer literals too long to convert; every field rejects it by name
+
+
+def _parse_int(text):
+    # Python refuses to convert more than 4300 digits; such a literal is valid JSON, just an invalid value.
+    return int(text) if len(text) <= 100 else (-_HUGE if text.startswith("-") else _HUGE)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(data):
+    """Parse a client's JSON text (str, or bytes as strict UTF-8); ValueError or RecursionError if it is not JSON.
+
+    NaN and Infinity are refused; integer literals too long to convert parse as an out-of-range value.
+    """
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")  # strictly: json.loads on bytes would let encoded surrogates through
+    return json.loads(data, parse_constant=_reject_constant, parse_int=_parse_int)

@@ -1,6 +1,5 @@
 """The /ws endpoint: the subscription protocol of the contract over flask-sock."""
 
-import json
 import logging
 import select
 import socket
@@ -12,7 +11,7 @@ from flask import request
 from simple_websocket import ConnectionClosed
 
 from events import TOPICS, Message, Subscriber, dumps
-from validation import ValidationError, validate_user_id
+from validation import ValidationError, parse_json, validate_user_id
 
 log = logging.getLogger("wallet.ws")
 
@@ -72,8 +71,6 @@ class Connection:
         self.ws = ws
         self.hub = hub
         self.peer = peer
-        self.user_id = None
-        self.events = set()
         self.lock, self.raw = ws.sock.lock, ws.sock.raw  # see http_server.LockedSocket
         self.sub = Subscriber(ws.event.set, QUEUE_SIZE, on_cutoff=self._stall_watch, try_send=self.try_send,
                               close_now=self.close_now)
@@ -84,7 +81,7 @@ class Connection:
             if not self.finished.is_set():
                 log.warning("ws %s: cut-off client never read its backlog; dropping the connection", self.peer)
                 try:
-                    self.ws.sock.shutdown(2)
+                    self.raw.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
         timer = threading.Timer(STALL_TIMEOUT, abort)
@@ -100,18 +97,16 @@ class Connection:
         self.reply({"type": "error", "error": code, "message": message}, reply_id)
 
     def subscribe(self, events, user_id, reply_id=None):
-        if user_id is not None:
-            self.user_id = user_id
-        self.events |= set(events)
+        # The hub has applied the change to self.sub by the time subscribe() returns.
         self.hub.subscribe(self.sub, events, user_id, reply_id)
-        log.info("ws %s subscribed events=%s user_id=%s", self.peer, sorted(self.events), self.user_id)
+        log.info("ws %s subscribed events=%s user_id=%s", self.peer, sorted(self.sub.events), self.sub.user_id)
 
     def handle(self, raw):
         """Apply one client message; a bad one gets an error reply and changes nothing."""
         if isinstance(raw, bytes):
             raise _BadMessage("binary frames are not accepted; send JSON text")
         try:
-            msg = json.loads(raw, parse_constant=_reject_constant)
+            msg = parse_json(raw)
         except (ValueError, RecursionError):
             raise _BadMessage("message is not valid JSON") from None
         if not isinstance(msg, dict):
@@ -128,14 +123,13 @@ class Connection:
                 user_id = msg.get("user_id")
                 if user_id is not None:
                     user_id = validate_user_id(user_id)
-                if "balance" in events and user_id is None and self.user_id is None:
+                if "balance" in events and user_id is None and self.sub.user_id is None:
                     raise _BadMessage("the balance event needs a user_id")
                 self.subscribe(events, user_id, reply_id)
             elif action == "unsubscribe":
                 events = _parse_events(msg.get("events", []), "events")
-                self.events -= set(events)
                 self.hub.unsubscribe(self.sub, events, reply_id)
-                log.info("ws %s unsubscribed events=%s", self.peer, sorted(self.events))
+                log.info("ws %s unsubscribed events=%s", self.peer, sorted(self.sub.events))
             else:
                 raise _BadMessage("action must be one of subscribe, unsubscribe, ping")
         except (_BadMessage, ValidationError) as exc:
@@ -260,10 +254,6 @@ class Connection:
         return f"closed with {code}"
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def register(app, sock, hub):
     """Add the /ws route to a Flask app."""
     app.config["SOCK_SERVER_OPTIONS"] = SERVER_OPTIONS
@@ -293,7 +283,6 @@ def register(app, sock, hub):
             if events:
                 conn.subscribe(events, user_id)
             elif user_id is not None:
-                conn.user_id = user_id
                 hub.subscribe(conn.sub, [], user_id, quiet=True)
             outcome = conn.run()
         except _TooBig:
