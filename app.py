@@ -163,7 +163,7 @@ def create_app(store, hub):
         log.exception("unhandled error")
         return json_response({"error": "internal_error", "message": "internal server error"}, 500)
 
-    def write(operation, *args):
+    def write(body, operation, *args):
         """Run a money-moving operation with the Idempotency-Key rules of the contract."""
         key = idempotency_key()
 
@@ -176,7 +176,7 @@ def create_app(store, hub):
         if key is None:
             status, body = run()
             return json_response(body, status)
-        canonical = json.dumps(request_body(), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         try:
             # The route, not the raw path: /deposit and /deposit/ are one endpoint.
             route = request.url_rule.rule if request.url_rule else request.path
@@ -185,33 +185,28 @@ def create_app(store, hub):
             return json_response(exc.body(), exc.status)
         return json_response(body, status, {"Idempotent-Replayed": "true"} if replayed else None)
 
-    def request_body():
-        if "body" not in g:
-            g.body = read_json_object()
-        return g.body
-
     @app.post("/api/wallet/deposit")
     def deposit():
-        body = request_body()
+        body = read_json_object()
         user_id = field(body, "user_id", validate_user_id)
         amount = field(body, "amount", validate_amount)
-        return write(store.deposit, user_id, amount)
+        return write(body, store.deposit, user_id, amount)
 
     @app.post("/api/wallet/withdraw")
     def withdraw():
-        body = request_body()
+        body = read_json_object()
         user_id = field(body, "user_id", validate_user_id)
         amount = field(body, "amount", validate_amount)
-        return write(store.withdraw, user_id, amount)
+        return write(body, store.withdraw, user_id, amount)
 
     @app.post("/api/games/outcomes")
     def outcome():
-        body = request_body()
+        body = read_json_object()
         user_id = field(body, "user_id", validate_user_id)
         game = field(body, "game", validate_game)
         bet = field(body, "bet", validate_amount, minimum=0)
         payout = field(body, "payout", validate_amount, minimum=0)
-        return write(store.settle, user_id, game, bet, payout)
+        return write(body, store.settle, user_id, game, bet, payout)
 
     @app.get("/api/wallet/balance/<segment:user_id>")
     @app.get("/api/wallet/balance/", defaults={"user_id": ""})
