@@ -1,6 +1,7 @@
 """Wallet service: HTTP JSON API and WebSocket events (Flask) plus gRPC, in one process."""
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import logs
 import ws
 from events import EventHub
 from validation import ValidationError, parse_json, validate_amount, validate_game, validate_limit, validate_user_id
-from wallet_store import WalletError, WalletStore, fingerprint
+from wallet_store import Idempotency, MemoryStore, WalletError
 
 log = logging.getLogger("wallet.http")
 
@@ -53,6 +54,11 @@ class ApiError(Exception):
 def _printable(text):
     # Paths are client-chosen: escape control characters so one request stays one log line.
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def fingerprint(method: str, route: str, canonical_body: str) -> bytes:
+    """Identify a request for idempotency; the body is canonical JSON text (sorted keys, no spaces)."""
+    return hashlib.sha256(f"{method}\n{route}\n{canonical_body}".encode()).digest()
 
 
 def json_response(body, status=200, headers=None):
@@ -166,24 +172,18 @@ def create_app(store, hub):
     def write(body, operation, *args):
         """Run a money-moving operation with the Idempotency-Key rules of the contract."""
         key = idempotency_key()
-
-        def run():
-            try:
-                return 200, operation(*args)
-            except WalletError as exc:
-                return exc.status, exc.body()
-
-        if key is None:
-            status, body = run()
-            return json_response(body, status)
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        try:
+        idem = None
+        if key is not None:
+            canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
             # The route, not the raw path: /deposit and /deposit/ are one endpoint.
             route = request.url_rule.rule if request.url_rule else request.path
-            status, body, replayed = store.run_idempotent(key, fingerprint(request.method, route, canonical), run)
+            idem = Idempotency(key, fingerprint(request.method, route, canonical))
+        try:
+            result = operation(*args, idem)
         except WalletError as exc:
-            return json_response(exc.body(), exc.status)
-        return json_response(body, status, {"Idempotent-Replayed": "true"} if replayed else None)
+            return json_response(exc.body(), exc.http_status,
+                                 {"Idempotent-Replayed": "true"} if exc.replayed else None)
+        return json_response(result.body, 200, {"Idempotent-Replayed": "true"} if result.replayed else None)
 
     @app.post("/api/wallet/deposit")
     def deposit():
@@ -335,7 +335,7 @@ def main(argv=None, environ=None):
         sys.stderr.write(f"app.py: error: {exc}\n")
         return 1
     hub = EventHub().start()
-    store = WalletStore(hub)
+    store = MemoryStore(hub)
     try:
         grpc_service = grpc_server.serve(store, settings.host, settings.grpc_port)
     except OSError as exc:

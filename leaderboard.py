@@ -17,6 +17,10 @@ class Leaderboard:
     def __len__(self):
         return len(self._net)
 
+    def net(self, user_id: str) -> int:
+        """A player's net winnings so far (0 before their first outcome)."""
+        return self._net.get(user_id, 0)
+
     def record(self, user_id, net):
         """Add one outcome's net to a player; return True when the top N changed."""
         old = self._net.get(user_id)

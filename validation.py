@@ -3,12 +3,17 @@
 import json
 import re
 
+from errors import ServiceError
+
 INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-class ValidationError(ValueError):
+class ValidationError(ServiceError, ValueError):
     """Bad client input; the message names the field and says what is wrong."""
+
+    code = "invalid_request"
 
 
 def _is_int(value):

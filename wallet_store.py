@@ -1,96 +1,135 @@
-"""In-memory wallets: balances, per-user ledgers, game settlement and idempotency, behind one lock."""
+"""The wallet store: its Protocol, its errors, and the in-memory implementation behind one lock."""
 
-import hashlib
+import copy
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NamedTuple, Protocol
 
+from errors import ServiceError
 from leaderboard import Leaderboard
-from validation import INT64_MAX
+from validation import INT64_MAX, INT64_MIN
+
+log = logging.getLogger("wallet.store")
 
 
-class WalletError(Exception):
-    """A refused operation; carries the HTTP status and error body of the contract."""
+class WalletError(ServiceError):
+    """A refused wallet operation. `replayed` is True when it is an idempotent replay of an earlier refusal."""
 
-    status = 409
-    code = "conflict"
-
-    def body(self):
-        return {"error": self.code, "message": str(self)}
+    replayed = False
 
 
 class InsufficientFunds(WalletError):
     code = "insufficient_funds"
 
-    def __init__(self, balance):
-        super().__init__("not enough money")
+    def __init__(self, balance: int) -> None:
+        super().__init__("not enough money", balance=balance)
         self.balance = balance
-
-    def body(self):
-        return {**super().body(), "balance": self.balance}
 
 
 class BalanceLimitExceeded(WalletError):
     code = "balance_limit_exceeded"
 
-    def __init__(self):
-        super().__init__(f"the balance would exceed the maximum of {INT64_MAX} cents")
+    def __init__(self, what: str = "the balance") -> None:
+        super().__init__(f"{what} would leave the signed 64-bit range (at most {INT64_MAX} cents)")
 
 
 class IdempotencyKeyReused(WalletError):
-    status = 422
     code = "idempotency_key_reused"
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__("this Idempotency-Key was already used with a different request")
 
 
-def rfc3339(ts):
+class StoreUnavailable(WalletError):
+    """The backing store (Redis) cannot be reached; nothing was applied."""
+
+    code = "unavailable"
+
+
+class Idempotency(NamedTuple):
+    """An Idempotency-Key and the fingerprint of the request it came with (opaque to the store)."""
+
+    key: str
+    fingerprint: bytes
+
+
+class Result(NamedTuple):
+    """A write's success body, and whether it is the replay of an earlier answer under the same key."""
+
+    body: dict
+    replayed: bool = False
+
+
+def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def fingerprint(method, path, body):
-    """Identify a request for idempotency; body is canonical JSON text (sorted keys, no spaces)."""
-    return hashlib.sha256(f"{method}\n{path}\n{body}".encode()).digest()
+class EventSink(Protocol):
+    """Where a store publishes the events of its writes, in the order the writes were applied."""
+
+    def publish(self, kind: str, data: dict, user_id: str | None = None) -> None: ...
 
 
-class _NullHub:
-    def publish(self, kind, data, user_id=None):
+class Store(Protocol):
+    """What HTTP, WebSocket and gRPC may ask of the wallets; the in-memory and Redis stores implement it.
+
+    Writes are atomic with their idempotency check: with `idem`, the first request under a key runs
+    and its result (or its WalletError) is remembered; a later one with the same fingerprint gets it
+    back with replayed=True (raised errors carry `replayed`); another fingerprint raises
+    IdempotencyKeyReused. Every method may raise StoreUnavailable.
+    """
+
+    def balance(self, user_id: str) -> int: ...
+    def transactions(self, user_id: str, limit: int = 50) -> list[dict]: ...
+    def leaderboard(self) -> list[dict]: ...
+    def deposit(self, user_id: str, amount: int, idem: Idempotency | None = None) -> Result: ...
+    def withdraw(self, user_id: str, amount: int, idem: Idempotency | None = None) -> Result: ...
+    def settle(self, user_id: str, game: str, bet: int, payout: int, idem: Idempotency | None = None) -> Result: ...
+    def healthy(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class _NullSink:
+    def publish(self, kind: str, data: dict, user_id: str | None = None) -> None:
         pass
 
 
-class WalletStore:
-    """All state lives here and every method is atomic under one re-entrant lock.
+class MemoryStore:
+    """The in-process store: all state in dicts, every method atomic under one re-entrant lock.
 
-    Events go to the hub while the lock is held, so their order is the order
-    the operations were applied; hub.publish only enqueues, so it never waits
-    on a WebSocket client.
+    Events go to the sink while the lock is held, so their order is the order the operations were
+    applied; the sink only enqueues, so a write never waits on a WebSocket client.
     """
 
-    def __init__(self, hub=None, *, ledger_limit=1000, idempotency_ttl=24 * 3600,
-                 idempotency_cap=1_000_000, clock=time.time):
+    def __init__(self, events: EventSink | None = None, *, ledger_limit: int = 1000,
+                 idempotency_ttl: float = 24 * 3600, idempotency_cap: int = 1_000_000,
+                 clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.RLock()
-        self._hub = hub or _NullHub()
+        self._events = events or _NullSink()
         self._clock = clock
-        self._balances = {}
-        self._ledgers = {}
+        self._balances: dict[str, int] = {}
+        self._ledgers: dict[str, deque] = {}
         self._ledger_limit = ledger_limit
         self._ids = itertools.count(1)
         self._outcome_ids = itertools.count(1)
         self._board = Leaderboard()
-        self._idem = OrderedDict()  # key -> (fingerprint, status, body, expires_at), oldest first
+        # key -> (fingerprint, Result or WalletError, expires_at), oldest first
+        self._idem: OrderedDict[str, tuple] = OrderedDict()
         self._idem_ttl = idempotency_ttl
         self._idem_cap = idempotency_cap
 
     # -- reads ---------------------------------------------------------------
 
-    def balance(self, user_id):
+    def balance(self, user_id: str) -> int:
         with self._lock:
             return self._balances.get(user_id, 0)
 
-    def transactions(self, user_id, limit=50):
+    def transactions(self, user_id: str, limit: int = 50) -> list[dict]:
         with self._lock:
             ledger = self._ledgers.get(user_id, ())
             newest = list(itertools.islice(reversed(ledger), limit))
@@ -99,16 +138,32 @@ class WalletStore:
             for tid, kind, amount, balance, ts in newest
         ]
 
-    def leaderboard(self):
+    def leaderboard(self) -> list[dict]:
         with self._lock:
             return self._board.top()
 
-    def totals(self):
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def totals(self) -> tuple[int, int]:
         """Sum of all balances and number of wallets (for tests and the benchmark)."""
         with self._lock:
             return sum(self._balances.values()), len(self._balances)
 
     # -- writes --------------------------------------------------------------
+
+    def deposit(self, user_id: str, amount: int, idem: Idempotency | None = None) -> Result:
+        return self._idempotent(idem, self._deposit, user_id, amount)
+
+    def withdraw(self, user_id: str, amount: int, idem: Idempotency | None = None) -> Result:
+        return self._idempotent(idem, self._withdraw, user_id, amount)
+
+    def settle(self, user_id: str, game: str, bet: int, payout: int, idem: Idempotency | None = None) -> Result:
+        """Settle one finished round: take the stake, pay the payout, rank the player."""
+        return self._idempotent(idem, self._settle, user_id, game, bet, payout)
 
     def _entry(self, user_id, kind, amount, balance, now):
         tid = f"tx_{next(self._ids)}"
@@ -117,87 +172,98 @@ class WalletStore:
             ledger = self._ledgers[user_id] = deque(maxlen=self._ledger_limit)
         ledger.append((tid, kind, amount, balance, now))
         self._balances[user_id] = balance
-        self._hub.publish("balance", {
+        self._events.publish("balance", {
             "user_id": user_id, "balance": balance, "transaction_id": tid,
             "type": kind, "amount": amount, "timestamp": rfc3339(now),
         }, user_id)
         return tid
 
-    def deposit(self, user_id, amount):
-        with self._lock:
-            balance = self._balances.get(user_id, 0) + amount
-            if balance > INT64_MAX:
-                raise BalanceLimitExceeded()
-            tid = self._entry(user_id, "deposit", amount, balance, self._clock())
-            return {"user_id": user_id, "balance": balance, "transaction_id": tid}
+    def _deposit(self, user_id, amount):
+        balance = self._balances.get(user_id, 0) + amount
+        if balance > INT64_MAX:
+            raise BalanceLimitExceeded()
+        tid = self._entry(user_id, "deposit", amount, balance, self._clock())
+        return {"user_id": user_id, "balance": balance, "transaction_id": tid}
 
-    def withdraw(self, user_id, amount):
-        with self._lock:
-            current = self._balances.get(user_id, 0)
-            if amount > current:
-                raise InsufficientFunds(current)
-            balance = current - amount
-            tid = self._entry(user_id, "withdraw", amount, balance, self._clock())
-            return {"user_id": user_id, "balance": balance, "transaction_id": tid}
+    def _withdraw(self, user_id, amount):
+        current = self._balances.get(user_id, 0)
+        if amount > current:
+            raise InsufficientFunds(current)
+        balance = current - amount
+        tid = self._entry(user_id, "withdraw", amount, balance, self._clock())
+        return {"user_id": user_id, "balance": balance, "transaction_id": tid}
 
-    def settle(self, user_id, game, bet, payout):
-        """Settle one finished round: take the stake, pay the payout, rank the player."""
-        with self._lock:
-            current = self._balances.get(user_id, 0)
-            if bet > current:
-                raise InsufficientFunds(current)
-            balance = current - bet + payout
-            if balance > INT64_MAX:
-                raise BalanceLimitExceeded()
-            now = self._clock()
-            if bet:
-                self._entry(user_id, "bet", bet, current - bet, now)
-            if payout:
-                self._entry(user_id, "win", payout, balance, now)
-            outcome = {
-                "outcome_id": f"out_{next(self._outcome_ids)}", "user_id": user_id, "game": game,
-                "bet": bet, "payout": payout, "net": payout - bet, "balance": balance,
-            }
-            self._hub.publish("game_outcome", {**outcome, "timestamp": rfc3339(now)}, user_id)
-            if self._board.record(user_id, payout - bet):
-                self._hub.publish("leaderboard", {"leaderboard": self._board.top()})
-            return outcome
+    def _settle(self, user_id, game, bet, payout):
+        current = self._balances.get(user_id, 0)
+        if bet > current:
+            raise InsufficientFunds(current)
+        balance = current - bet + payout
+        if balance > INT64_MAX:
+            raise BalanceLimitExceeded()
+        if not INT64_MIN <= self._board.net(user_id) + payout - bet <= INT64_MAX:
+            raise BalanceLimitExceeded("the net winnings")
+        now = self._clock()
+        if bet:
+            self._entry(user_id, "bet", bet, current - bet, now)
+        if payout:
+            self._entry(user_id, "win", payout, balance, now)
+        outcome = {
+            "outcome_id": f"out_{next(self._outcome_ids)}", "user_id": user_id, "game": game,
+            "bet": bet, "payout": payout, "net": payout - bet, "balance": balance,
+        }
+        self._events.publish("game_outcome", {**outcome, "timestamp": rfc3339(now)}, user_id)
+        if self._board.record(user_id, payout - bet):
+            self._events.publish("leaderboard", {"leaderboard": self._board.top()})
+        return outcome
 
     # -- idempotency ---------------------------------------------------------
 
-    def run_idempotent(self, key, fp, operation):
-        """Run operation() at most once per key; return (status, body, replayed).
+    def _idempotent(self, idem, operation, *args):
+        """Run operation(*args) at most once per key, remembering its result or its WalletError.
 
-        operation returns (status, body). Holding the lock across the check and
-        the operation is what makes concurrent requests with one key apply once.
-        Only 200 and 409 answers are remembered, as the contract says.
+        Holding the lock across the check and the operation is what makes concurrent requests with
+        one key apply once.
         """
         with self._lock:
+            if idem is None:
+                return Result(operation(*args))
             now = self._clock()
-            record = self._idem.get(key)
-            if record is not None and record[3] <= now:
-                del self._idem[key]
+            record = self._idem.get(idem.key)
+            if record is not None and record[2] <= now:
+                del self._idem[idem.key]
                 record = None
             if record is not None:
-                if record[0] != fp:
+                if record[0] != idem.fingerprint:
                     raise IdempotencyKeyReused()
-                return record[1], record[2], True
-            status, body = operation()
-            if status in (200, 409):
-                self._remember(key, (fp, status, body, now + self._idem_ttl), now)
-            return status, body, False
+                outcome = record[1]
+                if isinstance(outcome, WalletError):
+                    replay = copy.copy(outcome)
+                    replay.replayed = True
+                    raise replay
+                return Result(outcome, True)
+            try:
+                body = operation(*args)
+            except WalletError as exc:
+                self._remember(idem, exc, now)
+                raise
+            self._remember(idem, body, now)
+            return Result(body)
 
-    def _remember(self, key, record, now):
-        idem = self._idem
-        idem[key] = record
+    def _remember(self, idem, outcome, now):
+        idem_records = self._idem
+        idem_records[idem.key] = (idem.fingerprint, outcome, now + self._idem_ttl)
         # Oldest first: expired records and the overflow beyond the cap sit at the front.
-        while idem:
-            oldest_key, oldest = next(iter(idem.items()))
-            if oldest[3] <= now or len(idem) > self._idem_cap:
-                del idem[oldest_key]
+        while idem_records:
+            oldest_key, oldest = next(iter(idem_records.items()))
+            if oldest[2] <= now:
+                del idem_records[oldest_key]
+            elif len(idem_records) > self._idem_cap:
+                del idem_records[oldest_key]
+                log.warning("idempotency cap of %d keys reached: forgot a key %.0f s before its 24 h expiry",
+                            self._idem_cap, oldest[2] - now)
             else:
                 break
 
-    def idempotency_size(self):
+    def idempotency_size(self) -> int:
         with self._lock:
             return len(self._idem)

@@ -1,6 +1,6 @@
 """In-process measurements of the wallet store, each run in a fresh process by run.py.
 
-settle: time per `WalletStore.settle` with N players already on the leaderboard.
+settle: time per `MemoryStore.settle` with N players already on the leaderboard.
 memory: RSS growth of a store holding N users with E ledger entries each.
 """
 
@@ -26,10 +26,10 @@ def settle(players, settles=20_000, runs=3, seed=7):
     a deposit first, so each timed settle does the full work: bet entry, win entry, outcome event,
     leaderboard update (and the top-10 event when it changes).
     """
-    from wallet_store import WalletStore
+    from wallet_store import MemoryStore
 
     rng = random.Random(seed)
-    store = WalletStore()
+    store = MemoryStore()
     board = store._board
     ids = [f"player{i}" for i in range(players)]
     started = time.perf_counter()
@@ -70,13 +70,13 @@ def settle(players, settles=20_000, runs=3, seed=7):
 
 
 def memory(users, entries=10):
-    """RSS growth for `users` users with `entries` deposits each, made through WalletStore.deposit."""
-    from wallet_store import WalletStore
+    """RSS growth for `users` users with `entries` deposits each, made through MemoryStore.deposit."""
+    from wallet_store import MemoryStore
 
     names = [f"user{i}" for i in range(users)]  # ids are made before the first reading: a client sends them
     gc.collect()
     before = rss_kib()
-    store = WalletStore()
+    store = MemoryStore()
     started = time.perf_counter()
     for uid in names:
         for _ in range(entries):
@@ -95,11 +95,11 @@ def breakdown(users=10_000, entries=10):
     """Where a user's bytes go (tracemalloc, on a small store): by allocation site, per user."""
     import tracemalloc
 
-    from wallet_store import WalletStore
+    from wallet_store import MemoryStore
 
     names = [f"user{i}" for i in range(users)]
     tracemalloc.start()
-    store = WalletStore()
+    store = MemoryStore()
     snap0 = tracemalloc.take_snapshot()
     for uid in names:
         for _ in range(entries):

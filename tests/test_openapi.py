@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, settings
 from app import create_app
 from events import EventHub
 from validation import ValidationError, validate_user_id
-from wallet_store import WalletStore
+from wallet_store import MemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW = (ROOT / "openapi.json").read_bytes()
@@ -152,7 +152,7 @@ def test_amount_schemas_follow_the_contract():
 
 def _flask_app():
     hub = EventHub()
-    return create_app(WalletStore(hub), hub)
+    return create_app(MemoryStore(hub), hub)
 
 
 def _openapi_path(rule):

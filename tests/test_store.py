@@ -17,7 +17,7 @@ from wallet_store import (
     BalanceLimitExceeded,
     IdempotencyKeyReused,
     InsufficientFunds,
-    WalletStore,
+    MemoryStore,
     fingerprint,
 )
 
@@ -63,7 +63,7 @@ def clock():
 
 @pytest.fixture
 def store(hub, clock):
-    return WalletStore(hub, clock=clock)
+    return MemoryStore(hub, clock=clock)
 
 
 def run_threads(targets):
@@ -108,7 +108,7 @@ def test_insufficient_funds_carries_the_balance_and_changes_nothing(store, hub):
         store.withdraw("alice", 101)
     err = info.value
     assert err.balance == 100
-    assert err.status == 409
+    assert err.http_status == 409
     assert err.body() == {"error": "insufficient_funds", "message": "not enough money", "balance": 100}
     assert store.balance("alice") == 100
     assert store.transactions("alice") == ledger_before
@@ -133,7 +133,7 @@ def test_balance_limit_exceeded_changes_nothing(store, hub):
     calls_before = list(hub.calls)
     with pytest.raises(BalanceLimitExceeded) as info:
         store.deposit("rich", 6)
-    assert info.value.status == 409
+    assert info.value.http_status == 409
     assert info.value.body()["error"] == "balance_limit_exceeded"
     assert store.balance("rich") == INT64_MAX - 5
     assert store.transactions("rich") == ledger_before
@@ -170,7 +170,7 @@ def test_transactions_limit_is_respected(store):
 
 
 def test_ledger_keeps_the_newest_1000_by_default(hub):
-    store = WalletStore(hub)
+    store = MemoryStore(hub)
     for i in range(1, 1006):
         store.deposit("alice", i)
     txs = store.transactions("alice", limit=1000)
@@ -199,7 +199,7 @@ def test_created_at_is_rfc3339_utc_with_z(store, clock):
 
 
 def test_created_at_with_real_clock_is_rfc3339_utc():
-    store = WalletStore()
+    store = MemoryStore()
     before = datetime.now(UTC)
     store.deposit("alice", 1)
     created = store.transactions("alice")[0]["created_at"]
@@ -405,7 +405,7 @@ def test_same_key_different_fingerprint_is_rejected(store):
     other = deposit_op(store, "alice", 100)
     with pytest.raises(IdempotencyKeyReused) as info:
         store.run_idempotent("k1", b"fp-b", other)
-    assert info.value.status == 422
+    assert info.value.http_status == 422
     assert info.value.body()["error"] == "idempotency_key_reused"
     assert other.runs == 0
     assert store.balance("alice") == 100
@@ -448,7 +448,7 @@ def test_status_409_is_remembered(store):
 
 
 def test_records_expire_after_the_ttl(hub, clock):
-    store = WalletStore(hub, clock=clock, idempotency_ttl=100)
+    store = MemoryStore(hub, clock=clock, idempotency_ttl=100)
     store.run_idempotent("k1", b"fp", deposit_op(store, "alice", 10))
 
     clock.now += 99
@@ -462,7 +462,7 @@ def test_records_expire_after_the_ttl(hub, clock):
 
 
 def test_expired_key_accepts_a_different_request(hub, clock):
-    store = WalletStore(hub, clock=clock, idempotency_ttl=100)
+    store = MemoryStore(hub, clock=clock, idempotency_ttl=100)
     store.run_idempotent("k1", b"fp-a", deposit_op(store, "alice", 10))
     clock.now += 101
     _, body, replayed = store.run_idempotent("k1", b"fp-b", deposit_op(store, "alice", 1))
@@ -478,7 +478,7 @@ def test_default_ttl_is_24_hours(store, clock):
 
 
 def test_expired_records_are_purged(hub, clock):
-    store = WalletStore(hub, clock=clock, idempotency_ttl=100)
+    store = MemoryStore(hub, clock=clock, idempotency_ttl=100)
     for i in range(5):
         store.run_idempotent(f"old{i}", b"fp", deposit_op(store, "alice", 1))
     clock.now += 101
@@ -487,7 +487,7 @@ def test_expired_records_are_purged(hub, clock):
 
 
 def test_cap_evicts_the_oldest_first(hub, clock):
-    store = WalletStore(hub, clock=clock, idempotency_cap=3)
+    store = MemoryStore(hub, clock=clock, idempotency_cap=3)
     for i in range(1, 5):  # k1..k4; k1 is the oldest and must go
         clock.now += 1
         store.run_idempotent(f"k{i}", b"fp", deposit_op(store, "alice", 1))
@@ -531,7 +531,7 @@ def busy_switching():
 
 
 def test_concurrent_deposits_and_withdrawals_keep_the_books(hub, busy_switching):
-    store = WalletStore(hub)
+    store = MemoryStore(hub)
     users = ["u0", "u1", "u2"]
     n_threads, ops_per_thread = 8, 500
     barrier = threading.Barrier(n_threads)
@@ -584,7 +584,7 @@ def test_concurrent_deposits_and_withdrawals_keep_the_books(hub, busy_switching)
 
 
 def test_concurrent_settlements_and_withdrawals_never_go_negative(hub, busy_switching):
-    store = WalletStore(hub)
+    store = MemoryStore(hub)
     store.deposit("p", 1000)
     barrier = threading.Barrier(8)
     errors = []
@@ -614,7 +614,7 @@ def test_concurrent_settlements_and_withdrawals_never_go_negative(hub, busy_swit
 
 
 def test_concurrent_requests_with_one_key_apply_once(hub, busy_switching):
-    store = WalletStore(hub)
+    store = MemoryStore(hub)
     n = 16
     barrier = threading.Barrier(n)
     runs = []

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from validation import INT64_MAX
-from wallet_store import WalletError, WalletStore, fingerprint
+from wallet_store import WalletError, MemoryStore, fingerprint
 
 USERS = st.sampled_from(["a", "b", "c"])
 AMOUNTS = st.one_of(st.integers(1, 1000), st.integers(INT64_MAX - 1000, INT64_MAX))
@@ -25,7 +25,7 @@ class StoreMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.hub = RecordingHub()
-        self.store = WalletStore(self.hub)
+        self.store = MemoryStore(self.hub)
         self.balances = {}
         self.ledger = {}  # user -> [(type, amount, balance)]
         self.net = {}
