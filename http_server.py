@@ -1,220 +1,773 @@
-"""In-process threaded HTTP/1.1 server for the WSGI app: keep-alive, WebSocket hand-off, graceful drain.
+"""Threaded HTTP/1.1 server for a WSGI app: strict framing, a connection cap, head timeouts, drain.
 
-Built on Werkzeug's threaded server (one thread per connection, so a long-lived
-WebSocket never starves HTTP), with the parts a production listener needs and
-the development server lacks: persistent connections, JSON errors for
-malformed requests, quiet logs, and a drain that lets requests in flight finish.
+One thread per connection, so a long-lived upgraded connection (a WebSocket) never starves plain
+HTTP; the accepting thread refuses connections past the cap itself, without starting a thread.
+
+Request heads and chunked bodies are parsed here, strictly (RFC 9112): anything malformed is answered
+400 and the connection is closed before the app sees any of it. The socket is never read past the
+end of the current request (heads and chunk lines are found with MSG_PEEK), so no byte of a body can
+be taken for the next request, and an upgraded socket is handed over exactly where the head ended.
+
+The server knows nothing of the app. The app talks to it through the WSGI environ and its response:
+- it takes the socket for another protocol by setting `environ[UPGRADED] = True` (the socket is
+  `environ["werkzeug.socket"]`); the server then writes nothing more and closes the socket when the
+  app returns;
+- a `Connection: close` header in its response closes the connection after that response.
 """
 
-import json
-import logging
-import socket
-import threading
+from __future__ import annotations
 
-from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+import email.utils
+import errno
+import logging
+import re
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from errors import CODE_OF_STATUS, error_json
 
 log = logging.getLogger("wallet.http")
 
-IDLE_TIMEOUT = 75  # seconds a keep-alive connection may sit idle between requests
-WS_SEND_BUFFER = 64 * 1024  # caps kernel buffering so a stalled WebSocket client fills its app queue soon
+UPGRADED = "http_server.upgraded"  # environ key the app sets to True once it has taken the socket
+DEFAULT_MAX_CONNECTIONS = 4000  # measured with bench/flood.py, see README "Connection limits"
+HEAD_TIMEOUT = 10.0  # seconds for a whole request head, from the connection or the previous response
+MAX_HEAD = 64 * 1024  # bytes of request line and header fields together
+MAX_FIELDS = 100
+MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions, or one trailer field
+LINGER = 2.0  # seconds to read and discard what a refused client still sends, so it sees our answer
+ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 413: "Content Too Large", 422: "Unprocessable Content",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+# TEMPORARY compatibility with the app before it moved to UPGRADED and `Connection: close`;
+# remove once ws.py and routes.py no longer set these keys.
+_OLD_UPGRADED = "wallet.websocket"
+_OLD_CLOSE = "wallet.close_connection"
+
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x22\x24-\x7e]+) HTTP/([0-9])\.([0-9])")
+# field-name ":" OWS field-value OWS; a value is visible characters (obs-text too) with inner spaces.
+_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+_FIELD = re.compile(rb"(" + _TCHAR + rb"+):[ \t]*(" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*")
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_EXT = rb"(?:[ \t]*;[ \t]*" + _TCHAR + rb"+(?:[ \t]*=[ \t]*(?:" + _TCHAR + rb"+|" + _QUOTED + rb"))?)*"
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})" + _CHUNK_EXT)
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_BROKEN_LINE_END = re.compile(rb"\r[^\n]|(?<!\r)\n|\x00")
+_HOP_BY_HOP = frozenset({"connection", "content-length", "transfer-encoding", "keep-alive"})
 
 
-class LockedSocket:
-    """The connection socket with every write serialized.
+class BadRequest(ValueError):
+    """A request whose framing is not well formed: answered `status` and the connection closed."""
 
-    simple-websocket writes pongs and pings from its reader thread while our
-    handler thread and the event dispatcher write events; unserialized, frames
-    could interleave. Hold `lock` and use `raw` to write several frames at once.
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class Request:
+    """A parsed request head. Header names keep their spelling; lookups go through `lower`."""
+
+    __slots__ = ("method", "target", "version", "fields", "length", "chunked", "keep_alive", "expect_continue")
+
+    def __init__(self, method: str, target: str, version: str, fields: list[tuple[str, str]]) -> None:
+        self.method = method
+        self.target = target
+        self.version = version  # "HTTP/1.1" or "HTTP/1.0"
+        self.fields = fields
+        self.length = 0  # body bytes when not chunked
+        self.chunked = False
+        self.keep_alive = True
+        self.expect_continue = False
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request head (request line and field lines, each ending CRLF, without the empty line).
+
+    Raises BadRequest for anything RFC 9112 does not allow or that could frame the body two ways.
+    """
+    lines = head.split(b"\r\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    while lines and lines[0] == b"":
+        lines.pop(0)  # RFC 9112 2.2: empty lines before a request line are ignored
+    if not lines:
+        raise BadRequest("empty request")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        raise BadRequest("malformed request line")
+    method, target, major, minor = m.groups()
+    if major != b"1":
+        raise BadRequest("HTTP version not supported", 505)
+    version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
+    if not (target.startswith(b"/") or target == b"*" or target[:7].lower() in (b"http://", b"https:/")):
+        raise BadRequest("malformed request target")
+    if len(lines) - 1 > MAX_FIELDS:
+        raise BadRequest("too many header fields", 431)
+    fields: list[tuple[str, str]] = []
+    lengths: set[str] = set()
+    hosts = encodings = 0
+    te = ""
+    connection = ""
+    expect = ""
+    for line in lines[1:]:
+        f = _FIELD.fullmatch(line)
+        if f is None:
+            raise BadRequest(_field_problem(line))
+        name = f[1].decode("ascii")
+        value = (f[2] or b"").decode("latin-1")
+        fields.append((name, value))
+        lower = name.lower()
+        if lower == "content-length":
+            lengths.update(v.strip(" \t") for v in value.split(","))
+        elif lower == "transfer-encoding":
+            encodings += 1
+            te = value
+        elif lower == "host":
+            hosts += 1
+            if _HOST.fullmatch(value) is None:
+                raise BadRequest("invalid Host header")
+        elif lower == "connection":
+            connection += "," + value.lower()
+        elif lower == "expect":
+            expect = value.lower()
+    request = Request(method.decode("ascii"), target.decode("ascii"), version, fields)
+    if hosts > 1:
+        raise BadRequest("repeated Host header")
+    if hosts == 0 and version == "HTTP/1.1":
+        raise BadRequest("missing Host header")
+    if encodings:
+        if lengths:
+            raise BadRequest("both Transfer-Encoding and Content-Length")
+        if version == "HTTP/1.0":
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        # Exactly `chunked`: anything a proxy might read differently (a list, parameters, other codings,
+        # a second field) is refused rather than guessed at.
+        if encodings > 1 or te.lower() != "chunked":
+            raise BadRequest("Transfer-Encoding other than chunked")
+        request.chunked = True
+    elif lengths:
+        if len(lengths) > 1:
+            raise BadRequest("conflicting Content-Length headers")
+        (length,) = lengths
+        if _DIGITS.fullmatch(length) is None:
+            raise BadRequest("invalid Content-Length header")
+        request.length = int(length)
+    tokens = {t.strip(" \t") for t in connection.split(",")}
+    request.keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    request.expect_continue = expect == "100-continue" and version == "HTTP/1.1"
+    return request
+
+
+def _field_problem(line: bytes) -> str:
+    """Name what is wrong with a field line that did not match (only on the error path)."""
+    if line[:1] in (b" ", b"\t"):
+        return "obsolete line folding in a header"
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return "header line without a colon"
+    if name[-1:] in (b" ", b"\t"):
+        return "whitespace before a colon in a header"
+    if not name or not re.fullmatch(_TCHAR + rb"+", name):
+        return "invalid header name"
+    return "control character in a header value"
+
+
+def check_chunk_line(line: bytes) -> int:
+    """The size from a chunk-size line (without its CRLF); BadRequest if it is not well formed."""
+    m = _CHUNK_LINE.fullmatch(line)
+    if m is None:
+        raise BadRequest("malformed chunked body")
+    return int(m[1], 16)
+
+
+def read_until(sock: socket.socket, terminator: bytes, limit: int, deadline: float | None,
+               timeout: float) -> bytes:
+    """Read up to and including `terminator` without consuming a byte past it.
+
+    Returns b"" at end of stream before any byte. Raises BadRequest when more than `limit` bytes come
+    without the terminator or a bare CR, bare LF or NUL shows up first, TimeoutError past the deadline
+    (or `timeout` per read when there is no deadline), ConnectionError when the stream ends midway.
+    """
+    buf = bytearray()
+    keep = len(terminator) - 1
+    while True:
+        wait = timeout if deadline is None else deadline - time.monotonic()
+        if wait <= 0:
+            raise TimeoutError("request head timeout")
+        sock.settimeout(wait)
+        data = sock.recv(limit + len(terminator) - len(buf), socket.MSG_PEEK)
+        if not data:
+            if buf:
+                raise ConnectionError("connection closed in the middle of a request")
+            return b""
+        tail = bytes(buf[-keep:]) if buf else b""
+        at = (tail + data).find(terminator)
+        if at >= 0:
+            take = at + len(terminator) - len(tail)
+            buf += _recv_exactly(sock, take)
+            return bytes(buf)
+        buf += sock.recv(len(data))  # consume exactly what was peeked, then wait for more
+        if len(buf) > limit:
+            raise BadRequest("request head too large", 431) if limit == MAX_HEAD else BadRequest("line too long")
+        if _BROKEN_LINE_END.search(buf, 0, len(buf) - 1):
+            # Found early so a client ending lines with a bare LF is told at once, not after the timeout.
+            raise BadRequest("bare CR, bare LF or NUL in the request head")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = sock.recv(n, socket.MSG_WAITALL)
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise ConnectionError("connection closed in the middle of a request")
+        data += more
+    return data
+
+
+class Body:
+    """`wsgi.input`: exactly the request's body, Content-Length or chunked, never a byte more.
+
+    `read(n)` returns n bytes unless the body ends first. A malformed chunk raises BadRequest (a
+    ValueError), a client that stops sending raises an OSError; either way `failed` is set and the
+    server closes the connection after the response.
     """
 
-    def __init__(self, sock):
-        self._sock = self.raw = sock
-        self.lock = threading.Lock()
+    def __init__(self, sock: socket.socket, request: Request, timeout: float,
+                 on_first_read: Callable[[], None] | None = None) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self._chunked = request.chunked
+        self._left = 0 if request.chunked else request.length  # bytes left in the body or current chunk
+        self._done = not request.chunked and request.length == 0
+        self._on_first_read = on_first_read
+        self.failed = False
 
-    def send(self, data):
-        with self.lock:
-            self._sock.sendall(data)
-        return len(data)
+    @property
+    def complete(self) -> bool:
+        return self._done and not self.failed
 
-    def sendall(self, data):
-        with self.lock:
-            self._sock.sendall(data)
+    def read(self, size: int | None = -1) -> bytes:
+        if self._done or size == 0:
+            return b""
+        if self._on_first_read is not None:
+            self._on_first_read()
+            self._on_first_read = None
+        out = bytearray()
+        try:
+            while not self._done and (size is None or size < 0 or len(out) < size):
+                if self._left == 0:
+                    self._next_chunk()
+                    continue
+                want = self._left if size is None or size < 0 else min(self._left, size - len(out))
+                self._sock.settimeout(self._timeout)
+                data = self._sock.recv(min(want, 256 * 1024))
+                if not data:
+                    raise ConnectionError("request body cut short")
+                out += data
+                self._left -= len(data)
+                if self._left == 0:
+                    if self._chunked:
+                        if _recv_exactly(self._sock, 2) != b"\r\n":
+                            raise BadRequest("malformed chunked body")
+                    else:
+                        self._done = True
+        except (OSError, ValueError):
+            self.failed = self._done = True
+            raise
+        return bytes(out)
 
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
+    def _next_chunk(self) -> None:
+        line = read_until(self._sock, b"\r\n", MAX_CHUNK_LINE, None, self._timeout)
+        if not line:
+            raise ConnectionError("request body cut short")
+        size = check_chunk_line(line[:-2])
+        if size:
+            self._left = size
+            return
+        for _ in range(MAX_FIELDS + 1):  # trailer fields, read and dropped; then the empty line
+            line = read_until(self._sock, b"\r\n", MAX_CHUNK_LINE, None, self._timeout)
+            if line == b"\r\n":
+                self._done = True
+                return
+            if not line:
+                raise ConnectionError("request body cut short")
+            if _FIELD.fullmatch(line[:-2]) is None:
+                raise BadRequest("malformed chunked body trailer")
+        raise BadRequest("too many trailer fields")
 
+    def readline(self, size: int | None = -1) -> bytes:
+        # Bodies here are JSON read whole; a line reader one byte at a time is enough for the rare caller.
+        out = bytearray()
+        while size is None or size < 0 or len(out) < size:
+            byte = self.read(1)
+            out += byte
+            if not byte or byte == b"\n":
+                break
+        return bytes(out)
 
-class _CountingInput:
-    """Counts body bytes the app read, to know whether the connection can be reused."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self.count = 0
-
-    def read(self, size=-1):
-        data = self._stream.read(size)
-        self.count += len(data)
-        return data
-
-    def readline(self, size=-1):
-        data = self._stream.readline(size)
-        self.count += len(data)
-        return data
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(iter(self.readline, b""))
 
     def __iter__(self):
         return iter(self.readline, b"")
 
 
-def error_body(code, message):
-    return json.dumps({"error": code, "message": message}).encode()
+_date = (-1, "")
 
 
-class RequestHandler(WSGIRequestHandler):
-    """One client connection: parses requests with http.server and calls the WSGI app."""
+def http_date() -> str:
+    """The Date header value for now; formatted once per second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
 
+
+class _Environ(dict):
+    """The WSGI environ; notices the moment the app takes the socket, so drain() stops counting it."""
+
+    on_upgrade: Callable[[], None] = staticmethod(lambda: None)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if (key == UPGRADED or key == _OLD_UPGRADED) and value:
+            self.on_upgrade()
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """One client connection: reads heads, calls the WSGI app, writes its responses."""
+
+    protocol_version = "HTTP/1.1"
     server_version = "wallet"
-    sys_version = ""
+    server: Server
 
-    def setup(self):
-        super().setup()
-        self.connection.settimeout(IDLE_TIMEOUT)
+    def setup(self) -> None:
+        self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def handle(self):
-        try:
-            super().handle()
-        except (OSError, ValueError):
-            pass  # the client went away or the drain shut the socket: nothing to answer
-
-    def send_error(self, code, message=None, explain=None):
-        """Malformed request lines and headers get the contract's JSON error, not an HTML page."""
-        status = 400 if code not in (413, 414, 431, 501, 505) else code
-        kind = "payload_too_large" if code == 413 else "invalid_request"
-        body = error_body(kind, message or "malformed HTTP request")
+        self.wfile = self.connection.makefile("wb")  # buffered: one send for a head and a small body
         self.close_connection = True
+        self.request_version = "HTTP/1.1"
+        self.command = ""
+        self.requestline = ""
+
+    def finish(self) -> None:
         try:
-            self.wfile.write(self._head(status, [("Content-Type", "application/json")], len(body), False) + body)
+            self.wfile.close()
         except OSError:
             pass
-        log.info("http - - %d malformed request from %s: %s", status, self.client_address[0], message)
 
-    def log_request(self, code="-", size="-"):
+    def handle(self) -> None:
+        server = self.server
+        deadline = time.monotonic() + server.head_timeout
+        while True:
+            try:
+                head = read_until(self.connection, b"\r\n\r\n", MAX_HEAD, deadline, 0)
+                if head.strip(b"\r\n") == b"" and head:
+                    continue  # empty lines before a request line (RFC 9112 2.2): keep the same deadline
+            except BadRequest as exc:
+                self._refuse(exc)
+                return
+            except OSError:
+                return  # timed out, closed by the client or by drain(): nothing to answer
+            if not head or not server.begin_request(self):
+                return
+            try:
+                keep_alive = self._serve(head)
+            finally:
+                server.end_request(self)
+            if not keep_alive:
+                return
+            deadline = time.monotonic() + server.head_timeout
+
+    def _serve(self, head: bytes) -> bool:
+        """Answer one request; whether the connection may carry another."""
+        try:
+            request = parse_head(head[:-4])
+        except BadRequest as exc:
+            self._refuse(exc)
+            return False
+        self.command, self.request_version = request.method, request.version
+        self.requestline = f"{request.method} {request.target} {request.version}"
+        body = Body(self.connection, request, self.server.head_timeout,
+                    self._send_continue if request.expect_continue else None)
+        environ = self._environ(request, body)
+        response: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
+            response[:] = [status, headers]
+            return lambda data: None  # write() is not used by the app: bodies are returned
+
+        try:
+            result = self.server.app(environ, start_response)
+            try:
+                payload = b"".join(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+        except Exception:
+            if environ.get(UPGRADED) or environ.get(_OLD_UPGRADED):
+                log.exception("unhandled error in the WSGI app after an upgrade")
+                return False
+            if body.failed:
+                self._refuse(BadRequest("malformed request body"))
+                return False
+            log.exception("unhandled error in the WSGI app")
+            response[:] = ["500 Internal Server Error", [("Content-Type", "application/json")]]
+            payload = error_json("internal_error", "internal server error")
+        if environ.get(UPGRADED) or environ.get(_OLD_UPGRADED):
+            return False  # the socket belongs to the app's protocol, which has ended: close it
+        status, headers = response
+        close = (not request.keep_alive or self.server.draining or not body.complete
+                 or bool(environ.get(_OLD_CLOSE)))
+        for name, value in headers:
+            if name.lower() == "connection" and "close" in value.lower():
+                close = True
+        try:
+            self._respond(status, headers, payload, close)
+        except OSError:
+            return False
+        if close and not body.complete:
+            self._linger()
+        return not close
+
+    def _environ(self, request: Request, body: Body) -> _Environ:
+        target = request.target
+        host = None
+        if target.startswith("/"):
+            path, _, query = target.partition("?")
+        elif target == "*":
+            path, query = "*", ""
+        else:
+            url = urlsplit(target)
+            path, query, host = url.path or "/", url.query, url.netloc
+        server_host, server_port = self.server.server_address[:2]
+        environ = _Environ({
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": body,
+            "wsgi.input_terminated": True,  # Body ends exactly where the request does
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "werkzeug.socket": self.connection,
+            "SERVER_SOFTWARE": self.server_version,
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": "",
+            # PEP 3333: percent-decoded UTF-8 bytes carried as latin-1 text, as Werkzeug's server does.
+            "PATH_INFO": unquote(path).encode().decode("latin-1"),
+            "QUERY_STRING": query,
+            "REQUEST_URI": target,
+            "RAW_URI": target,
+            "REMOTE_ADDR": self.client_address[0],
+            "REMOTE_PORT": self.client_address[1],
+            "SERVER_NAME": str(server_host),
+            "SERVER_PORT": str(server_port),
+            "SERVER_PROTOCOL": request.version,
+        })
+        for name, value in request.fields:
+            if "_" in name:
+                continue  # X_Forwarded_For would otherwise pose as X-Forwarded-For in the environ
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+                if key in environ:
+                    value = environ[key] + ("; " if key == "HTTP_COOKIE" else ", ") + value
+            environ[key] = value
+        if request.length:
+            environ["CONTENT_LENGTH"] = str(request.length)
+        if host:
+            environ["HTTP_HOST"] = host  # RFC 9112 3.2.2: the absolute-form authority wins over Host
+        environ.on_upgrade = self.server.upgraded_callback(self)
+        self.connection.settimeout(None)  # the app's own protocol, if it takes the socket, sets its own
+        return environ
+
+    def _send_continue(self) -> None:
+        self.send_response_only(100)
+        self.end_headers()
+        self.wfile.flush()
+
+    def _respond(self, status: str, headers: Iterable[tuple[str, str]], payload: bytes, close: bool) -> None:
+        code_text, _, reason = status.partition(" ")
+        code = int(code_text)
+        self.send_response(code, reason or None)
+        length = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "content-length":
+                length = value
+            elif lower not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        bodyless = code in (204, 304) or code < 200
+        if not bodyless:
+            # HEAD: the app's length of the body it would send, which it did not; else the real length.
+            head_length = self.command == "HEAD" and length is not None and length.isdigit()
+            self.send_header("Content-Length", length if head_length else str(len(payload)))
+        if close:
+            self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "keep-alive")
+        self.end_headers()
+        if self.command != "HEAD" and not bodyless:
+            self.wfile.write(payload)
+        self.connection.settimeout(self.server.head_timeout)  # a client that never reads is dropped
+        self.wfile.flush()
+
+    def _refuse(self, exc: BadRequest) -> None:
+        """Answer a malformed request with the contract's JSON error and close the connection."""
+        payload = error_json(CODE_OF_STATUS.get(exc.status, "invalid_request"), exc.message)
+        if exc.status not in (400, 413, 431, 505):
+            exc.status = 400
+        log.info("http - - %d malformed request from %s: %s", exc.status, self.client_address[0], exc.message)
+        self.command = ""
+        try:
+            self._respond(str(exc.status), [("Content-Type", "application/json")], payload, True)
+        except OSError:
+            return
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close our side, then read and drop what the client still sends for a moment.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        answer before the client reads it.
+        """
+        sock = self.connection
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            dropped = 0
+            while dropped < 1 << 20:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                sock.settimeout(wait)
+                data = sock.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
+
+    # http.server hooks --------------------------------------------------------------------------
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return http_date() if timestamp is None else email.utils.formatdate(timestamp, usegmt=True)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        self._refuse(BadRequest(message or "malformed HTTP request", code))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # the app logs every request itself, with its request id
 
-    def log_error(self, format, *args):
-        log.debug("connection: " + format, *args)
-
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
 
-    def _head(self, status, headers, length, keep_alive):
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
-        lines += [f"{k}: {v}" for k, v in headers if k.lower() not in ("content-length", "connection")]
-        lines.append(f"Content-Length: {length}")
-        if not keep_alive:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def run_wsgi(self):
-        server = self.server
-        lengths = set(self.headers.get_all("Content-Length") or ())
-        if len(lengths) > 1 or any(not v.strip().isdigit() for v in lengths):
-            self.send_error(400, "invalid Content-Length header")
-            return
-        environ = self.make_environ()
-        counter = None
-        if environ.get("wsgi.input_terminated"):
-            self.close_connection = True  # chunked: simplest to not reuse the connection
-        elif environ.get("CONTENT_LENGTH"):
-            counter = environ["wsgi.input"] = _CountingInput(environ["wsgi.input"])
-        websocket = environ.get("HTTP_UPGRADE", "").lower() == "websocket" and environ["PATH_INFO"] == "/ws"
-        if websocket:
-            conn = self.connection
-            conn.settimeout(None)  # a WebSocket may be idle for as long as it likes; pings watch it
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_SEND_BUFFER)
-            environ["werkzeug.socket"] = LockedSocket(conn)
-            # Per-message deflate would compress each event once per connection; events are small.
-            environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+class _Conn:
+    """What the server knows of one client connection."""
 
-        status_headers = []
+    __slots__ = ("sock", "state")
 
-        def start_response(status, headers, exc_info=None):
-            status_headers[:] = [status, headers]
-
-        # WebSockets are closed by the hub at shutdown; the drain waits only for plain requests.
-        if not websocket:
-            server.request_started()
-        try:
-            try:
-                result = server.app(environ, start_response)
-                try:
-                    body = b"".join(result)
-                finally:
-                    if hasattr(result, "close"):
-                        result.close()
-            except Exception:
-                log.exception("unhandled error in the WSGI app")
-                body = error_body("internal_error", "internal server error")
-                status_headers[:] = ["500 INTERNAL SERVER ERROR", [("Content-Type", "application/json")]]
-            if environ.get("wallet.websocket"):
-                self.close_connection = True  # the socket now belongs to the finished WebSocket
-                return
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            if environ.get("wallet.close_connection") or (counter is not None and counter.count < length):
-                self.close_connection = True  # unread body bytes would be parsed as the next request
-            keep_alive = not self.close_connection and not server.draining
-            status = int(status_headers[0].split(None, 1)[0])
-            head = self._head(status, status_headers[1], len(body), keep_alive)
-            self.wfile.write(head if self.command == "HEAD" else head + body)
-            self.close_connection = not keep_alive
-        finally:
-            if not websocket:
-                server.request_finished()
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.state = "idle"  # idle (waiting for a head) | busy | upgraded | closed
 
 
-class Server(ThreadedWSGIServer):
-    """Threaded server over a socket bound by the caller, counting requests in flight for the drain."""
+class Server(socketserver.BaseServer):
+    """Serves a WSGI app on a listening socket bound by the caller (see bind()).
 
-    block_on_close = False  # shutdown is handled by drain(), which bounds the wait
-    daemon_threads = True
+    At most `max_connections` client connections at once, upgraded ones included; one more is answered
+    503 from the accepting thread and closed. A request head must arrive within `head_timeout` seconds
+    of the connection or of the previous response.
 
-    def __init__(self, sock, app):
-        host, port = sock.getsockname()[:2]
-        super().__init__(host, port, app, handler=RequestHandler, fd=sock.fileno())
-        sock.close()  # Werkzeug duplicated the descriptor
+    Shutdown: `shutdown()` stops accepting, `server_close()` closes the listening socket, and
+    `drain(timeout)` closes idle keep-alive connections, waits for requests in flight to be answered
+    (their connections close after the answer) and returns whether they all were. Upgraded
+    connections belong to the app, which closes them.
+    """
+
+    def __init__(self, sock: socket.socket, app: Callable, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 head_timeout: float = HEAD_TIMEOUT) -> None:
+        super().__init__(sock.getsockname(), RequestHandler)
+        self.socket = sock
+        self.app = app
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
         self.draining = False
+        self.shed = 0  # connections refused with 503 since start
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._busy = 0
         self._lock = threading.Condition()
-        self._in_flight = 0
+        self._shed_logged = 0.0
 
-    def request_started(self):
+    # socketserver plumbing ------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors: the connection stays queued; pause so the accept loop does not spin.
+                time.sleep(0.05)
+            raise
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        try:
+            request.close()
+        except OSError:
+            pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("error serving a connection from %s", client_address)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Runs in the accepting thread: start a connection thread, or shed the connection."""
+        conn = _Conn(request)
         with self._lock:
-            self._in_flight += 1
+            full = len(self._conns) >= self.max_connections
+            if not full:
+                self._conns[request] = conn
+        if full:
+            self._shed(request)
+            return
+        try:
+            threading.Thread(target=self._serve_connection, args=(request, client_address, conn),
+                             name="http-conn", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the machine is over its limit, treat as full
+            with self._lock:
+                del self._conns[request]
+            self._shed(request)
 
-    def request_finished(self):
+    def _serve_connection(self, request: socket.socket, client_address: Any, conn: _Conn) -> None:
+        try:
+            RequestHandler(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            with self._lock:
+                if conn.state == "busy":
+                    self._busy -= 1
+                    self._lock.notify_all()
+                conn.state = "closed"
+                del self._conns[request]
+            self.shutdown_request(request)
+
+    def _shed(self, sock: socket.socket) -> None:
+        """503 from the accepting thread: never blocks, never starts a thread."""
+        self.shed += 1
+        payload = error_json("unavailable", "too many connections, try again later")
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nServer: {RequestHandler.server_version}\r\n"
+                f"Date: {http_date()}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                f"Connection: close\r\n\r\n")
+        try:
+            sock.setblocking(False)
+            # Whatever the client already sent is read first: closing over unread input sends a reset.
+            try:
+                while sock.recv(65536):
+                    pass
+            except BlockingIOError:
+                pass
+            sock.send(head.encode() + payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        now = time.monotonic()
+        if now - self._shed_logged > 5:
+            self._shed_logged = now
+            log.warning("connection limit %d reached: refusing new connections with 503 (%d so far)",
+                        self.max_connections, self.shed)
+
+    # connection states, for the cap and the drain ----------------------------------------------------
+
+    def begin_request(self, handler: RequestHandler) -> bool:
+        """A head has arrived; False when drain() already closed this idle connection."""
         with self._lock:
-            self._in_flight -= 1
-            self._lock.notify_all()
+            conn = self._conns.get(handler.connection)
+            if conn is None or conn.state != "idle":
+                return False
+            conn.state = "busy"
+            self._busy += 1
+            return True
 
-    def drain(self, timeout):
-        """Wait for requests in flight (WebSockets excluded by the caller closing them first)."""
+    def end_request(self, handler: RequestHandler) -> None:
         with self._lock:
-            return self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+            conn = self._conns.get(handler.connection)
+            if conn is not None and conn.state == "busy":
+                conn.state = "idle"
+                self._busy -= 1
+                self._lock.notify_all()
+
+    def upgraded_callback(self, handler: RequestHandler) -> Callable[[], None]:
+        def upgraded() -> None:
+            with self._lock:
+                conn = self._conns.get(handler.connection)
+                if conn is not None and conn.state == "busy":
+                    conn.state = "upgraded"
+                    self._busy -= 1
+                    self._lock.notify_all()
+        return upgraded
+
+    def connection_count(self) -> int:
+        """Client connections being served now (HTTP and upgraded)."""
+        with self._lock:
+            return len(self._conns)
+
+    def close_idle(self) -> int:
+        """Close every connection waiting for a request head; how many were closed."""
+        with self._lock:
+            idle = [c for c in self._conns.values() if c.state == "idle"]
+            for conn in idle:
+                conn.state = "closed"
+        for conn in idle:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which then closes it
+            except OSError:
+                pass
+        return len(idle)
+
+    def drain(self, timeout: float) -> bool:
+        """Close idle connections, then wait up to `timeout` s for requests in flight; True if none is left.
+
+        Call after shutdown(): every connection then closes after its current response.
+        """
+        self.draining = True
+        self.close_idle()
+        with self._lock:
+            done = self._lock.wait_for(lambda: self._busy == 0, timeout)
+        self.close_idle()  # connections that finished their last request meanwhile
+        return done
 
 
-def bind(host, port, what="HTTP"):
+def bind(host: str, port: int, what: str = "HTTP") -> socket.socket:
     """Bind and listen on a TCP socket; raise OSError with a clear message when that fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(ACCEPT_BACKLOG)
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from None
