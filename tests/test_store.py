@@ -32,7 +32,7 @@ from wallet_store import (
 
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z")
 JOIN_TIMEOUT = 60
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 
 class Events:

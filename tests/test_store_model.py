@@ -133,7 +133,7 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 def test_store_matches_the_model(make_store, backend):  # noqa: F811
-    examples = 150 if backend == "memory" else 60
+    examples = 150
     run_state_machine_as_test(
         lambda: StoreMachine(make_store),
         settings=settings(max_examples=examples, stateful_step_count=30, deadline=None,
