@@ -1,37 +1,54 @@
-"""The /ws endpoint: the subscription protocol of the contract over flask-sock."""
+"""The /ws endpoint: CONTRACT.md section 4 (and the WebSocket parts of sections 3 and 8).
+
+Threads of one connection: the request's handler thread runs `Connection.run` (it reads client
+messages and is the one writer of queued frames), simple-websocket's reader thread (it reassembles
+messages, answers pings, sends ours, completes the closing handshake) and, shared by all, the hub's
+dispatcher, which writes an event straight to a socket when the connection has nothing queued and the
+kernel takes it at once (`Connection.deliver`), so connections that keep up cost no thread wake-up.
+Every write goes through one lock per socket (`_SerialSocket`), which also finishes a partly written
+frame before anything else is written.
+"""
 
 import logging
+import re
 import select
 import socket
 import struct
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 
-from flask import request
-from simple_websocket import ConnectionClosed
+import simple_websocket
+from flask import Flask, Response, current_app, request
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from events import TOPICS, Message, Subscriber, dumps
+import http_server
+import origins
+from errors import ServiceError, dumps, error_json
+from events import TOPICS, Event, EventHub, Live
+from logs import printable
 from validation import ValidationError, parse_json, validate_user_id
 
 log = logging.getLogger("wallet.ws")
 
+UPGRADED: str = getattr(http_server, "UPGRADED", "wallet.websocket")  # TODO(H1 lands): http_server.UPGRADED
 MAX_MESSAGE_BYTES = 4096
-QUEUE_SIZE = 1000
+QUEUE_SIZE = 1000  # outbound messages a client may have waiting before it is closed with 1013
 PING_INTERVAL = 25
+SEND_BUFFER = 64 * 1024  # kernel buffering per socket: a stalled client fills its queue soon, not after ~3 MB
+STALL_TIMEOUT = 30  # a write that makes no progress for this long drops the connection without a close frame
 NUDGE_DELAY = 0.05
-STALL_TIMEOUT = 30  # a cut-off client that still reads nothing after this long is dropped without a close frame
+MAX_BATCH = 100  # client messages handled per pass, so a flooding client still gets flushed and cut off
 
-SERVER_OPTIONS = {"ping_interval": PING_INTERVAL, "max_message_size": MAX_MESSAGE_BYTES}
-
-
-def frame_of(message):
-    if message.frame is None:
-        message.frame = encode_frame(message.text)  # once per event, whichever thread gets there first
-    return message.frame
+_SINCE = re.compile(r"[0-9]{1,19}")
 
 
-def encode_frame(text):
-    """A server-to-client text frame (FIN, unmasked); computed once per event for all receivers."""
+# -- frames --------------------------------------------------------------------------------------
+
+
+def text_frame(text: str) -> bytes:
+    """A server-to-client text frame (FIN, unmasked)."""
     payload = text.encode()
     n = len(payload)
     if n < 126:
@@ -43,17 +60,195 @@ def encode_frame(text):
     return header + payload
 
 
+def event_frame(event: Event) -> bytes:
+    """The frame of an event, encoded once for every receiver (replay included) and kept on the event."""
+    frame = event.encoded
+    if frame is None:
+        frame = event.encoded = text_frame(dumps({"type": event.kind, "seq": event.seq, "data": event.data}))
+    return frame  # type: ignore[return-value]
+
+
+def _close_frame(code: int, reason: str = "") -> bytes:
+    payload = struct.pack("!H", code) + reason.encode()[:123]
+    return struct.pack("!BB", 0x88, len(payload)) + payload
+
+
+# -- the socket and the library ------------------------------------------------------------------
+
+
+class _SerialSocket:
+    """The connection's socket with every write serialized, bounded in time, and never torn.
+
+    The library writes (handshake, pongs, pings, its close frames) through send(); this module writes
+    through write()/try_write(). A frame the kernel took only in part leaves `rest`, which goes out
+    before anything else. Once our close frame is out, further writes are dropped: the library would
+    otherwise answer the client's close reply with a second close frame.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.raw = sock
+        self.lock = threading.Lock()
+        self.rest = b""
+        self.close_sent = False
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        with self.lock:
+            if not self.close_sent:
+                self.write_locked(data)
+        return len(data)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        self.send(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)
+
+    def write_locked(self, data: bytes, give_up: Callable[[], bool] | None = None) -> None:
+        """Write `rest` then `data` (the lock is held); OSError when the client stalls or floods meanwhile."""
+        view = memoryview(self.rest + data if self.rest else data)
+        self.rest = b""
+        deadline = time.monotonic() + STALL_TIMEOUT
+        while view:
+            try:
+                view = view[self.raw.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                if time.monotonic() > deadline or (give_up is not None and give_up()):
+                    self.abort()
+                    raise OSError("client stopped reading") from None
+                select.select([], [self.raw], [], 1.0)
+
+    def try_write(self, data: bytes, queue: deque) -> bool | None:
+        """One non-blocking attempt unless `queue` holds earlier messages: True (all sent), False (part sent:
+        `rest` holds the remainder), None (nothing sent)."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            if queue or self.rest or self.close_sent:
+                return None
+            try:
+                sent = self.raw.send(data, socket.MSG_DONTWAIT)
+            except OSError:  # EAGAIN: the client is behind; other errors: its handler thread will find out
+                return None
+            if sent < len(data):
+                self.rest = data[sent:]
+                return False
+            return True
+        finally:
+            self.lock.release()
+
+    def close_now(self, code: int, reason: str) -> bool:
+        """Send a close frame without waiting for anything; False if a writer holds the socket right now."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if not self.close_sent:
+                data = self.rest + _close_frame(code, reason)
+                self.rest = b""
+                try:
+                    self.raw.send(data, socket.MSG_DONTWAIT)  # a client too far behind to take it gets nothing
+                except OSError:
+                    pass
+                self.close_sent = True
+            return True
+        finally:
+            self.lock.release()
+
+    def abort(self) -> None:
+        try:
+            self.raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class HandshakeError(Exception):
+    pass
+
+
+class Adapter:
+    """One upgraded connection; the only code that knows simple-websocket (1.1) beyond its public API.
+
+    Used internals: the library's `event` (its reader sets it on every input and state change, so one
+    wait covers client messages and our own wake-ups), `input_buffer` (messages are taken without the
+    blocking receive(), which clears `event` and could swallow a wake-up; its length shows a flooder),
+    `connected` and `thread`. Event frames bypass the library: they are encoded once per event and
+    written to the socket directly.
+    """
+
+    def __init__(self, environ: dict) -> None:
+        raw = environ["werkzeug.socket"]
+        while not isinstance(raw, socket.socket) and hasattr(raw, "raw"):
+            raw = raw.raw  # TODO(H1 lands): the old http_server wraps the socket for /ws itself
+        raw.settimeout(None)  # a WebSocket may stay idle as long as it likes; pings watch it
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        self.sock = environ["werkzeug.socket"] = _SerialSocket(raw)
+        # We write frames ourselves, so no extension (per-message deflate) may be negotiated.
+        environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        try:
+            self._ws = simple_websocket.Server(environ, ping_interval=PING_INTERVAL,
+                                               max_message_size=MAX_MESSAGE_BYTES)
+        except (simple_websocket.ConnectionError, RemoteProtocolError, LocalProtocolError) as exc:
+            raise HandshakeError(str(exc)) from None
+        environ[UPGRADED] = True
+
+    @property
+    def connected(self) -> bool:
+        return self._ws.connected and not self.sock.close_sent
+
+    def wait(self, timeout: float) -> None:
+        self._ws.event.wait(timeout)
+        self._ws.event.clear()  # everything is re-checked after this, so no wake-up is lost
+
+    def wake(self) -> None:
+        self._ws.event.set()
+
+    def next_message(self) -> str | bytes | None:
+        buffer = self._ws.input_buffer
+        return buffer.pop(0) if buffer else None
+
+    def flooded(self) -> bool:
+        return len(self._ws.input_buffer) > QUEUE_SIZE
+
+    def write(self, take: Callable[[], bytes]) -> None:
+        """Write what `take()` returns, taken under the socket's lock so no fast-path frame overtakes it."""
+        sock = self.sock
+        with sock.lock:
+            data = take()
+            if sock.close_sent:
+                return
+            if data or sock.rest:
+                sock.write_locked(data, self.flooded)
+
+    def try_write(self, frame: bytes, queue: deque) -> bool | None:
+        return self.sock.try_write(frame, queue)
+
+    def ping(self) -> None:
+        self.sock.send(b"\x89\x00")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close through the library (so it knows), then give the client a moment to answer."""
+        try:
+            self._ws.close(reason=code, message=reason)
+        except (simple_websocket.ConnectionClosed, OSError, LocalProtocolError):
+            pass
+        self.sock.close_sent = True
+        self._ws.thread.join(timeout=1.0)
+
+    def close_now(self, code: int, reason: str) -> bool:
+        return self.sock.close_now(code, reason)
+
+
+# -- one connection ------------------------------------------------------------------------------
+
+
 class _BadMessage(Exception):
-    pass
+    def __init__(self, message: str, reply_id: object = None, code: str = "invalid_message") -> None:
+        super().__init__(message)
+        self.reply_id, self.code = reply_id, code
 
 
-class _TooBig(Exception):
-    pass
-
-
-def _parse_events(value, where):
-    if isinstance(value, str):
-        names = [n for n in value.split(",") if n] if value else []
+def _parse_events(value: object, where: str) -> list[str]:
+    if isinstance(value, str):  # the query's comma-separated form
+        names = [n for n in value.split(",") if n]
     elif isinstance(value, list):
         names = value
     else:
@@ -64,44 +259,155 @@ def _parse_events(value, where):
     return names
 
 
+def _parse_since(since: object, epoch: object, in_query: bool) -> tuple[int | None, str | None]:
+    """(since, epoch) when the client asks to recover, (None, None) when it does not; _BadMessage if malformed."""
+    if since is None:
+        return None, None
+    if in_query:
+        if not isinstance(since, str) or not _SINCE.fullmatch(since):
+            raise _BadMessage("since must be a non-negative integer")
+        since = int(since)
+    elif isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        raise _BadMessage("since must be a non-negative integer")
+    if epoch is None:
+        raise _BadMessage("since needs the epoch it belongs to")
+    if not isinstance(epoch, str) or not epoch:
+        raise _BadMessage("epoch must be a non-empty string")
+    return since, epoch
+
+
 class Connection:
-    """One WebSocket client: reads its messages and is the only writer to its socket."""
+    """One client: its subscription protocol, its outbound queue, and the writing of its frames.
 
-    def __init__(self, ws, hub, peer):
-        self.ws = ws
+    Implements events.Subscriber: deliver() and cancel() run on the hub's dispatcher thread.
+    """
+
+    def __init__(self, adapter: Adapter, hub: EventHub, store: object, principal: object, peer: str) -> None:
+        self.adapter = adapter
         self.hub = hub
+        self.store = store
+        self.principal = principal
         self.peer = peer
-        self.lock, self.raw = ws.sock.lock, ws.sock.raw  # see http_server.LockedSocket
-        self.sub = Subscriber(ws.event.set, QUEUE_SIZE, on_cutoff=self._stall_watch, try_send=self.try_send,
-                              close_now=self.close_now)
-        self.finished = threading.Event()
+        self.queue: deque[bytes | tuple[Event, ...]] = deque()
+        self.events: tuple[str, ...] = ()
+        self.user_id: str | None = None
+        self.cut_off = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.sent_first = False
 
-    def _stall_watch(self):
-        def abort():
-            if not self.finished.is_set():
-                log.warning("ws %s: cut-off client never read its backlog; dropping the connection", self.peer)
-                try:
-                    self.raw.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        timer = threading.Timer(STALL_TIMEOUT, abort)
-        timer.daemon = True
-        timer.start()
+    # -- events.Subscriber (dispatcher thread) --
 
-    def reply(self, obj, reply_id=None):
+    def deliver(self, event: Event) -> bool:
+        if self.cut_off or self.close_code:
+            return True  # closing: the disconnect that follows removes it from the hub
+        frame = event_frame(event)
+        if not self.queue:
+            sent = self.adapter.try_write(frame, self.queue)
+            if sent is not None:
+                if sent is False:
+                    self.adapter.wake()  # the rest of the frame is this connection's to write
+                return True
+        return self._enqueue(frame)
+
+    def cancel(self, reason: str) -> None:
+        # The only reason today is "resync": the history was reset, the client must reconnect with since.
+        self.request_close(1011, "event history reset: reconnect with since and epoch")
+
+    # -- any thread --
+
+    def _enqueue(self, item: bytes | tuple[Event, ...]) -> bool:
+        if len(self.queue) >= QUEUE_SIZE:
+            if not self.cut_off:
+                self.cut_off = True
+                log.warning("ws %s cut off: outbound queue full (%d messages)", self.peer, QUEUE_SIZE)
+            self.adapter.wake()
+            return False
+        self.queue.append(item)
+        self.adapter.wake()
+        return True
+
+    def request_close(self, code: int, reason: str) -> None:
+        self.close_code, self.close_reason = code, reason
+        self.adapter.wake()
+
+    def close_now(self, code: int, reason: str) -> bool:
+        """Shutdown path: send the close frame from the caller's thread; this connection's thread stays asleep."""
+        self.close_code, self.close_reason = code, reason
+        if self.adapter.close_now(code, reason):
+            return True
+        self.adapter.wake()  # a writer holds the socket; this connection's thread closes when it is done
+        return False
+
+    def reply(self, obj: dict, reply_id: object = None) -> None:
         if reply_id is not None:
             obj["id"] = reply_id
-        self.sub.put(Message(dumps(obj)))
+        self._enqueue(text_frame(dumps(obj)))
 
-    def error(self, code, message, reply_id=None):
+    def error(self, code: str, message: str, reply_id: object = None) -> None:
         self.reply({"type": "error", "error": code, "message": message}, reply_id)
 
-    def subscribe(self, events, user_id, reply_id=None):
-        # The hub has applied the change to self.sub by the time subscribe() returns.
-        self.hub.subscribe(self.sub, events, user_id, reply_id)
-        log.info("ws %s subscribed events=%s user_id=%s", self.peer, sorted(self.sub.events), self.sub.user_id)
+    def _on_live(self, reply_id: object, action: str) -> Callable[[Live], None]:
+        """The reply to a subscription change, queued at the exact point of the event stream it took effect."""
 
-    def handle(self, raw):
+        def on_live(live: Live) -> None:
+            if action == "unsubscribe":
+                self.reply({"type": "unsubscribed", "events": list(live.events)}, reply_id)
+                return
+            reply = {"type": "subscribed", "events": list(live.events), "user_id": live.user_id,
+                     "seq": live.seq, "epoch": live.epoch}
+            if live.recovered is not None:
+                reply["recovered"] = live.recovered
+            self.reply(reply, reply_id)
+            if live.snapshot:
+                # The hub knows the board unless its history was reset since the last leaderboard event.
+                board = live.board if live.board is not None else {"leaderboard": self.store.leaderboard()}
+                self._enqueue(text_frame(dumps({"type": "leaderboard", "seq": live.seq, "data": board})))
+            if live.replay:
+                self._enqueue(live.replay)  # one queue entry: encoded by the writer, not by the dispatcher
+
+        return on_live
+
+    # -- handler thread --
+
+    def subscribe(self, events: list[str], user_id: str | None, since: int | None = None,
+                  epoch: str | None = None, reply_id: object = None) -> None:
+        new_user = user_id if user_id is not None else self.user_id
+        if "balance" in events and new_user is None:
+            raise _BadMessage("the balance event needs a user_id", reply_id)
+        self.authorize(set(self.events) | set(events), new_user, reply_id)
+        live = self.hub.subscribe(self, events, user_id, since=since, epoch=epoch,
+                                  on_live=self._on_live(reply_id, "subscribe"))
+        self._took_effect(live)
+        log.info("ws %s subscribed events=%s user_id=%s%s", self.peer, ",".join(self.events), self.user_id,
+                 "" if since is None else f" since={since} recovered={live.recovered if live else None}")
+
+    def set_user(self, user_id: str) -> None:
+        self.authorize(self.events, user_id)
+        self._took_effect(self.hub.subscribe(self, [], user_id))
+
+    def unsubscribe(self, events: list[str], reply_id: object = None) -> None:
+        self._took_effect(self.hub.unsubscribe(self, events, on_live=self._on_live(reply_id, "unsubscribe")))
+        log.info("ws %s unsubscribed events=%s", self.peer, ",".join(self.events))
+
+    def _took_effect(self, live: Live | None) -> None:
+        if live is None:
+            if not (self.cut_off or self.close_code):
+                log.error("ws %s: the event hub did not answer a subscription change", self.peer)
+                self.request_close(1011, "internal error")
+            return
+        self.events, self.user_id = live.events, live.user_id
+
+    def authorize(self, events: object, user_id: str | None, reply_id: object = None) -> None:
+        """The credential must allow the whole subscription as it would be after the change (section 8)."""
+        if self.principal is None:
+            return
+        try:
+            self.principal.require_subscription(events, user_id)
+        except ServiceError as exc:
+            raise _BadMessage(exc.message, reply_id, exc.code) from None
+
+    def handle(self, raw: str | bytes) -> None:
         """Apply one client message; a bad one gets an error reply and changes nothing."""
         if isinstance(raw, bytes):
             raise _BadMessage("binary frames are not accepted; send JSON text")
@@ -112,7 +418,7 @@ class Connection:
         if not isinstance(msg, dict):
             raise _BadMessage("message must be a JSON object")
         reply_id = msg.get("id")
-        if reply_id is not None and (isinstance(reply_id, bool) or not isinstance(reply_id, (str, int))):
+        if reply_id is not None and (isinstance(reply_id, bool) or not isinstance(reply_id, str | int)):
             raise _BadMessage("id must be a string or an integer")
         action = msg.get("action")
         try:
@@ -123,178 +429,228 @@ class Connection:
                 user_id = msg.get("user_id")
                 if user_id is not None:
                     user_id = validate_user_id(user_id)
-                if "balance" in events and user_id is None and self.sub.user_id is None:
-                    raise _BadMessage("the balance event needs a user_id")
-                self.subscribe(events, user_id, reply_id)
+                since, epoch = _parse_since(msg.get("since"), msg.get("epoch"), in_query=False)
+                self.subscribe(events, user_id, since, epoch, reply_id)
             elif action == "unsubscribe":
-                events = _parse_events(msg.get("events", []), "events")
-                self.hub.unsubscribe(self.sub, events, reply_id)
-                log.info("ws %s unsubscribed events=%s", self.peer, sorted(self.sub.events))
+                self.unsubscribe(_parse_events(msg.get("events", []), "events"), reply_id)
             else:
                 raise _BadMessage("action must be one of subscribe, unsubscribe, ping")
-        except (_BadMessage, ValidationError) as exc:
+        except ValidationError as exc:
             raise _BadMessage(str(exc), reply_id) from None
+        except _BadMessage as exc:
+            if exc.reply_id is None and reply_id is not None:
+                exc.reply_id = reply_id
+            raise
 
-    def nudge(self, send_ping=True):
-        """Make sure frames sent right after the handshake are not left unread by the client.
+    def flush(self) -> None:
+        def take() -> bytes:
+            queue, out = self.queue, []
+            while queue:
+                item = queue.popleft()
+                out.append(item if isinstance(item, bytes) else b"".join(event_frame(e) for e in item))
+            if self.cut_off:
+                return b""  # the backlog is what the client could not take: drop it, close with 1013
+            self.sent_first = self.sent_first or bool(out)
+            return b"".join(out)
 
-        simple-websocket's client (1.1) reads the 101 response with one recv() and leaves any frame
-        that arrived in the same read unprocessed until more data comes. Sending something a moment
-        later (a ping, which every client answers, or the close frame) makes it process them.
+        self.adapter.write(take)
+
+    def nudge(self) -> None:
+        """Frames sent right with the handshake: make sure the client processes them.
+
+        simple-websocket's client (1.1) reads the 101 response with one recv() and leaves any frame that
+        came in the same read unprocessed until more data arrives (tests/test_ws.py shows it). A ping a
+        moment later, which every client answers, makes it process them.
         """
         time.sleep(NUDGE_DELAY)
-        if send_ping and self.ws.connected:
-            self.ws.sock.sendall(b"\x89\x00")  # an empty ping frame
+        if self.adapter.connected:
+            self.adapter.ping()
 
-    def run(self):
-        ws, sub = self.ws, self.sub
-        if sub.has_pending():
-            self.flush()
+    def _wait_timeout(self) -> float:
+        expires = getattr(self.principal, "expires_at", None)
+        if expires is None:
+            return 30.0  # a backstop: every state change wakes this thread
+        return max(0.0, min(30.0, expires - time.time()))
+
+    def run(self) -> str:
+        adapter = self.adapter
+        self.flush()
+        if self.sent_first:
             self.nudge()
         while True:
-            if ws.connected:
-                ws.event.wait(timeout=30.0)  # every state change sets the event; this is a backstop
-            ws.event.clear()
-            if sub.close_code and not ws.connected:  # close_now() already sent the close frame
-                return f"closed with {sub.close_code}"
-            try:
-                # A bounded batch per pass, so a flooding client still gets flushed and cut off.
-                for _ in range(100):
-                    if (raw := ws.receive(timeout=0)) is None:
-                        break
-                    self._handle_safely(raw)
-                else:
-                    ws.event.set()  # more input is waiting
-            except ConnectionClosed:
-                return "client closed"
+            adapter.wait(self._wait_timeout())
+            if adapter.sock.close_sent:
+                return f"closed with {self.close_code}"  # close_now() sent the close frame already
+            for _ in range(MAX_BATCH):
+                raw = adapter.next_message()
+                if raw is None:
+                    break
+                size = len(raw.encode()) if isinstance(raw, str) else len(raw)
+                if size > MAX_MESSAGE_BYTES:
+                    return self.close(1009, "message too big")
+                try:
+                    self.handle(raw)
+                except _BadMessage as exc:
+                    self.error(exc.code, str(exc), exc.reply_id)
+                    log.info("ws %s refused message: %s", self.peer, printable(str(exc)))
+                    if exc.code == "unauthorized":
+                        self.request_close(1008, "credential expired")
+            else:
+                adapter.wake()  # more input is waiting
             self.flush()
-            if sub.cut_off:
+            if self.cut_off:
                 return self.close(1013, "too slow: outbound queue full")
-            if sub.close_code:
-                return self.close(sub.close_code, "server shutting down")
-            if not ws.connected:
+            if self.close_code:
+                return self.close(self.close_code, self.close_reason)
+            if self.principal is not None and self.principal.expires_at is not None and self.principal.expired():
+                self.error("unauthorized", "the player token has expired")
+                self.flush()
+                return self.close(1008, "credential expired")
+            if not adapter.connected:
                 return "client closed"
 
-    def _handle_safely(self, raw):
-        size = len(raw.encode()) if isinstance(raw, str) else len(raw)
-        if size > MAX_MESSAGE_BYTES:
-            raise _TooBig()
-        try:
-            self.handle(raw)
-        except _BadMessage as exc:
-            self.error("invalid_message", exc.args[0], exc.args[1] if len(exc.args) > 1 else None)
-            log.info("ws %s bad message: %s", self.peer, exc.args[0])
-
-    def flush(self):
-        # Under the lock, so the dispatcher's fast path cannot overtake messages taken from the queue.
-        with self.lock:
-            messages = self.sub.drain()
-            if messages:
-                self._send_all(b"".join(frame_of(m) for m in messages))
-
-    def _send_all(self, data):
-        """sendall that gives up on a client that reads nothing for STALL_TIMEOUT, or floods us meanwhile."""
-        view, deadline = memoryview(data), time.monotonic() + STALL_TIMEOUT
-        while view:
-            try:
-                view = view[self.raw.send(view, socket.MSG_DONTWAIT):]
-            except BlockingIOError:
-                if time.monotonic() > deadline or len(self.ws.input_buffer) > QUEUE_SIZE:
-                    self.raw.shutdown(socket.SHUT_RDWR)
-                    raise ConnectionClosed(1013, "client stopped reading") from None
-                select.select([], [self.raw], [], 1.0)
-
-    def try_send(self, message):
-        """Dispatcher fast path: one non-blocking send; False (queue it) when busy, behind or blocked."""
-        if not self.lock.acquire(blocking=False):
-            return False
-        try:
-            if self.sub._queue or not self.ws.connected:
-                return False
-            frame = frame_of(message)
-            try:
-                sent = self.raw.send(frame, socket.MSG_DONTWAIT)
-            except OSError:  # EAGAIN: the client is behind; other errors: its thread will find out
-                return False
-            if sent < len(frame):
-                rest = Message(None)
-                rest.frame = frame[sent:]
-                self.sub._queue.append(rest)  # the rest of this frame must go out before anything else
-                self.sub.wake()
-            return True
-        finally:
-            self.lock.release()
-
-    def close_now(self, code):
-        """Shutdown path, from the main thread: send the close frame without waiting on this connection."""
-        if not self.lock.acquire(timeout=0.05):
-            return False  # its thread is mid-send; it will close when it wakes
-        try:
-            self.sub.drain()
-            self.raw.send(struct.pack("!BBH", 0x88, 2, code), socket.MSG_DONTWAIT)
-        except OSError:
-            pass
-        finally:
-            self.lock.release()
-        # The library will not send another close frame. This thread is not woken: with thousands of
-        # connections, waking them all would starve the shutdown of the GIL; the client's close reply
-        # (or EOF) wakes the reader, which wakes this connection's thread.
-        self.ws.connected = False
-        return True
-
-    def close(self, code, reason):
-        if self.sub.cut_off:
-            self.sub.drain()  # the backlog is what the client could not take: drop it
-        try:
-            self.ws.close(reason=code, message=reason)
-        except (ConnectionClosed, OSError):
-            pass
-        # Give the client a moment to answer the close, so the handshake completes cleanly.
-        self.ws.thread.join(timeout=1.0)
+    def close(self, code: int, reason: str) -> str:
+        self.adapter.close(code, reason)
         return f"closed with {code}"
 
 
-def register(app, sock, hub):
-    """Add the /ws route to a Flask app."""
-    app.config["SOCK_SERVER_OPTIONS"] = SERVER_OPTIONS
+# -- registry, route, registration ---------------------------------------------------------------
 
-    @sock.route("/ws")
-    def websocket(ws):
-        request.environ["wallet.websocket"] = True
-        peer = f"{request.remote_addr}:{request.environ.get('REMOTE_PORT')}"
-        conn = Connection(ws, hub, peer)
-        hub.connect(conn.sub)
-        log.info("ws %s connected query=%s", peer, request.query_string.decode("latin-1"))
-        outcome = "error"
-        try:
-            try:
-                events = _parse_events(request.args.get("events", ""), "query events")
-                user_id = request.args.get("user_id")
-                if user_id is not None:
-                    user_id = validate_user_id(user_id, allow_int=False)
-                if "balance" in events and user_id is None:
-                    raise _BadMessage("the balance event needs a user_id")
-            except (_BadMessage, ValidationError) as exc:
-                conn.error("invalid_request", str(exc.args[0]))
-                conn.flush()
-                conn.nudge(send_ping=False)
-                outcome = conn.close(1008, "invalid query")
-                return
-            if events:
-                conn.subscribe(events, user_id)
-            elif user_id is not None:
-                hub.subscribe(conn.sub, [], user_id, quiet=True)
-            outcome = conn.run()
-        except _TooBig:
-            outcome = conn.close(1009, "message too big")
-        except ConnectionClosed:
-            outcome = "client closed"
-        except OSError:
-            outcome = "connection lost"
-        finally:
-            conn.finished.set()
-            hub.disconnect(conn.sub)
-            log.info("ws %s disconnected (%s)", peer, outcome)
 
-    return websocket
+class Registry:
+    """The open connections of one app, for shutdown."""
 
+    def __init__(self) -> None:
+        self._connections: set[Connection] = set()
+        self._lock = threading.Lock()
+        self._closing: int | None = None
+
+    def add(self, conn: Connection) -> bool:
+        with self._lock:
+            if self._closing is None:
+                self._connections.add(conn)
+                return True
+        conn.close_now(self._closing, "server shutting down")  # accepted during the shutdown
+        return False
+
+    def discard(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def close_all(self, code: int = 1001) -> int:
+        """Send every connection a close frame with `code`, from this thread, without waking theirs.
+
+        Each send is one non-blocking write; a connection whose socket is busy (a thread mid-write) is
+        asked to close and does so when its write ends. Returns how many connections were asked.
+        """
+        with self._lock:
+            self._closing = code
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close_now(code, "server shutting down")
+        return len(connections)
+
+    def count(self) -> int:
+        return len(self._connections)  # no lock: len() is atomic and thousands of closers contend for it
+
+
+def _json(status: int, code: str, message: str) -> Response:
+    return Response(error_json(code, message), status, mimetype="application/json")
+
+
+def _principal(auth: object) -> object:
+    """The credential of the handshake (Authorization header, else the `token` query parameter)."""
+    if auth is None or not auth.enabled:
+        return None
+    header = request.headers.get("Authorization")
+    credential = auth.bearer(header) if header is not None else request.args.get("token")
+    return auth.authenticate(credential)
+
+
+def plain_request() -> Response:
+    return _json(400, "invalid_request", "this endpoint only accepts WebSocket upgrades")
+
+
+def websocket() -> Response:
+    """GET /ws: upgrade, authenticate, apply the query's subscription, then serve the connection."""
+    environ = request.environ
+    if not origins.origin_allowed(environ, current_app.config.get("ALLOWED_ORIGINS", ())):
+        log.info("ws refused: cross-origin handshake from %s", printable(environ.get("HTTP_ORIGIN", "")))
+        return _json(403, "forbidden", "cross-origin WebSocket connections are not allowed from this origin")
+    extensions = current_app.extensions
+    hub, registry = extensions["wallet.hub"], extensions["wallet.ws"]
+    try:
+        adapter = Adapter(environ)
+    except HandshakeError:
+        return _json(400, "invalid_request", "invalid WebSocket handshake")
+    peer = f"{request.remote_addr}:{environ.get('REMOTE_PORT')}"
+    conn = Connection(adapter, hub, extensions.get("wallet.store"), None, peer)
+    outcome = "error"
+    try:
+        if registry.add(conn):
+            outcome = _serve(conn, extensions.get("wallet.auth"))
+        else:
+            outcome = "refused: shutting down"
+    except OSError:
+        outcome = "connection lost"
+    finally:
+        registry.discard(conn)
+        hub.disconnect(conn)
+        log.info("ws %s disconnected (%s)", peer, outcome)
+    return Response(status=101)  # never written: the socket is no longer the HTTP server's
+
+
+def _serve(conn: Connection, auth: object) -> str:
+    args = request.args
+    try:
+        conn.principal = _principal(auth)
+    except ServiceError as exc:
+        return _refuse(conn, "unauthorized", exc.message)
+    try:
+        events = _parse_events(args.get("events", ""), "query events")
+        user_id = args.get("user_id")
+        if user_id is not None:
+            user_id = validate_user_id(user_id)
+        since, epoch = _parse_since(args.get("since"), args.get("epoch"), in_query=True)
+        if "balance" in events and user_id is None:
+            raise _BadMessage("the balance event needs a user_id")
+        conn.authorize(events, user_id)
+    except (_BadMessage, ValidationError) as exc:
+        code = getattr(exc, "code", "invalid_message")
+        return _refuse(conn, "invalid_request" if code == "invalid_message" else code, str(exc))
+    log.info("ws %s connected events=%s user_id=%s%s as %s", conn.peer, ",".join(events), user_id,
+             "" if since is None else f" since={since}", getattr(conn.principal, "name", "anonymous"))
+    if events:
+        conn.subscribe(events, user_id, since, epoch)
+    elif user_id is not None:
+        conn.set_user(user_id)
+    return conn.run()
+
+
+def _refuse(conn: Connection, code: str, message: str) -> str:
+    """A refused handshake (section 4 and 8): one error message, then close 1008."""
+    log.info("ws %s refused at connect: %s %s", conn.peer, code, printable(message))
+    conn.error(code, message)
+    conn.flush()
+    time.sleep(NUDGE_DELAY)  # see Connection.nudge: the close frame then comes in a later read
+    return conn.close(1008, code)
+
+
+def register(app: Flask, sock: object = None, hub: EventHub | None = None) -> Registry:
+    """Install GET /ws and /ws/ on `app`; return the connection registry (also `app.extensions["wallet.ws"]`).
+
+    The hub and the store are taken from `app.extensions["wallet.hub"]` / `["wallet.store"]`, the
+    authenticator from `["wallet.auth"]` (absent: authentication off), the allowed origins from
+    `app.config["ALLOWED_ORIGINS"]` (normalized, see origins.parse_allowed). `sock` and `hub` are
+    accepted for app.py's older call `register(app, sock, hub)`.
+    """
+    registry = Registry()
+    app.extensions["wallet.ws"] = registry
+    if hub is not None:  # TODO(H5 lands): today's app.py passes the hub here and shuts down through it
+        app.extensions.setdefault("wallet.hub", hub)
+        hub.compat_registry = registry
+    for path in ("/ws", "/ws/"):
+        # Werkzeug routes upgrade requests only to rules marked websocket; a plain request gets the other.
+        app.add_url_rule(path, "websocket", websocket, methods=["GET"], websocket=True)
+        app.add_url_rule(path, "websocket_plain", plain_request, methods=["GET"])
+    return registry

@@ -1,64 +1,46 @@
 """Unit tests for events.py: a started EventHub with real threads and in-process subscribers.
 
-No sleeps: tests wait for conditions with deadlines, and `flush()` uses the fact that
-subscription commands travel through the dispatcher's queue behind every earlier event.
+No sleeps: `hub.flush()` returns once the dispatcher has handled everything submitted before it, and
+waits on conditions have deadlines.
 """
 
-import json
 import threading
-import time
+import tracemalloc
 
 import pytest
 
-from events import TOPICS, EventHub, Message, Subscriber
+from events import HISTORY, TOPICS, Event, EventHub, Live, MemoryEventLog, matches
 
 TIMEOUT = 30.0  # only a hang ever gets near this
 
 
-class Client:
-    """A subscriber plus the messages it has drained, decoded."""
+class Sub:
+    """An events.Subscriber that records what the dispatcher hands it."""
 
-    def __init__(self, hub, queue_size=1000):
-        self.hub = hub
-        self.woken = threading.Event()
-        self.cutoff_calls = 0
-        self.cutoff_event = threading.Event()
-        self.sub = hub.connect(Subscriber(self.woken.set, queue_size, on_cutoff=self._on_cutoff))
-        self.received = []
+    def __init__(self, capacity=None):
+        self.capacity = capacity
+        self.got: list[Event] = []
+        self.lives: list[Live] = []
+        self.cancelled: list[str] = []
+        self.order: list[object] = []  # replies (Live) and events, in the order the dispatcher produced them
 
-    def _on_cutoff(self):
-        self.cutoff_calls += 1
-        self.cutoff_event.set()
+    def deliver(self, event):
+        if self.capacity is not None and len(self.got) >= self.capacity:
+            return False
+        self.got.append(event)
+        self.order.append(event)
+        return True
 
-    def collect(self):
-        for message in self.sub.drain():
-            assert isinstance(message, Message)
-            self.received.append(json.loads(message.text))
-        return self.received
+    def cancel(self, reason):
+        self.cancelled.append(reason)
 
-    def wait_until(self, condition, timeout=TIMEOUT, what="messages"):
-        """Drain whenever woken until condition(received) holds; fail at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.woken.clear()
-            if condition(self.collect()):
-                return self.received
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out waiting for {what}; got {self.received[-5:]!r}")
-            self.woken.wait(remaining)
+    def on_live(self, live):
+        self.lives.append(live)
+        self.order.append(live)
+        self.order.extend(live.replay)
 
-    def wait_count(self, n, **kw):
-        return self.wait_until(lambda got: len(got) >= n, what=f"{n} messages", **kw)
-
-    def events(self, kind=None):
-        return [m for m in self.received if "seq" in m and (kind is None or m["type"] == kind)]
-
-    def subscribe(self, events, user_id=None, reply_id=None, **kw):
-        assert self.hub.subscribe(self.sub, events, user_id, reply_id, **kw), "subscribe did not go live"
-
-    def unsubscribe(self, events, reply_id=None):
-        assert self.hub.unsubscribe(self.sub, events, reply_id), "unsubscribe timed out"
+    def seqs(self):
+        return [e.seq for e in self.got]
 
 
 @pytest.fixture
@@ -66,12 +48,11 @@ def hub():
     hub = EventHub().start()
     yield hub
     hub.stop()
-    assert not hub._thread.is_alive(), "dispatcher thread did not stop"
 
 
-def flush(hub):
-    """Return once the dispatcher has handled every event published so far."""
-    assert hub.subscribe(Subscriber(lambda: None), []), "dispatcher did not catch up"
+@pytest.fixture
+def log(hub):
+    return MemoryEventLog(hub)
 
 
 def outcome(user_id, n=0):
@@ -89,346 +70,338 @@ def board(*user_ids):
                             for i, u in enumerate(user_ids, start=1)]}
 
 
-# -- delivery and order -----------------------------------------------------------
+def subscribe(hub, sub, events, user_id=None, **kw):
+    live = hub.subscribe(sub, events, user_id, on_live=sub.on_live, **kw)
+    assert live is not None, "subscribe did not go live"
+    return live
 
 
-def test_topics():
+# -- numbering, order, filters ------------------------------------------------------------------
+
+
+def test_topics_and_matching():
     assert set(TOPICS) == {"game_outcomes", "leaderboard", "balance"}
+    o, b, lb = Event(1, "game_outcome", {}, "a"), Event(2, "balance", {}, "a"), Event(3, "leaderboard", {}, None)
+    assert matches(o, {"game_outcomes"}, None) and matches(o, {"game_outcomes"}, "a")
+    assert not matches(o, {"game_outcomes"}, "b") and not matches(o, {"balance"}, "a")
+    assert matches(b, {"balance"}, "a") and not matches(b, {"balance"}, None) and not matches(b, {"balance"}, "b")
+    assert matches(lb, {"leaderboard"}, "x") and not matches(lb, {"game_outcomes"}, None)
+    assert not matches(Event(4, "nonsense", {}, None), set(TOPICS), None)
 
 
-def test_events_arrive_in_seq_order_with_their_data(hub):
-    client = Client(hub)
-    client.subscribe(["game_outcomes"])
-    for i in range(200):
-        hub.publish("game_outcome", outcome("alice", i), "alice")
-    client.wait_count(201)  # `subscribed` + 200 events
-    assert client.received[0]["type"] == "subscribed"
-    events = client.events()
-    assert [e["seq"] for e in events] == list(range(1, 201))
-    assert [e["data"]["outcome_id"] for e in events] == [f"out_{i}" for i in range(200)]
-    assert events[0] == {"type": "game_outcome", "seq": 1, "data": outcome("alice", 0)}
+def test_memory_log_numbers_from_one_in_publish_order(hub, log):
+    sub = Sub()
+    live = subscribe(hub, sub, ["game_outcomes"])
+    assert (live.seq, live.recovered, live.replay) == (0, None, ())
+    assert isinstance(live.epoch, str) and live.epoch == hub.epoch
+    for n in range(5):
+        log.publish("game_outcome", outcome("a", n), "a")
+    assert hub.flush(TIMEOUT)
+    assert sub.seqs() == [1, 2, 3, 4, 5]
+    assert [e.data["outcome_id"] for e in sub.got] == [f"out_{n}" for n in range(5)]
+    assert hub.seq == 5
 
 
-def test_balance_event_shape(hub):
-    client = Client(hub)
-    client.subscribe(["balance"], "alice")
-    hub.publish("balance", balance("alice", 5), "alice")
-    client.wait_count(2)
-    assert client.received[1] == {"type": "balance", "seq": 1, "data": balance("alice", 5)}
+def test_filters_route_each_event_to_the_right_subscribers(hub, log):
+    everyone, alice, alice_balance, boards = Sub(), Sub(), Sub(), Sub()
+    subscribe(hub, everyone, ["game_outcomes"])
+    subscribe(hub, alice, ["game_outcomes"], "alice")
+    subscribe(hub, alice_balance, ["balance"], "alice")
+    subscribe(hub, boards, ["leaderboard"])
+    log.publish("game_outcome", outcome("bob"), "bob")
+    log.publish("game_outcome", outcome("alice"), "alice")
+    log.publish("balance", balance("alice"), "alice")
+    log.publish("balance", balance("bob"), "bob")
+    log.publish("leaderboard", board("alice"))
+    assert hub.flush(TIMEOUT)
+    assert everyone.seqs() == [1, 2]
+    assert alice.seqs() == [2]
+    assert alice_balance.seqs() == [3]
+    assert boards.seqs() == [5]
 
 
-def test_events_published_before_subscribing_are_not_delivered(hub):
-    hub.publish("game_outcome", outcome("alice", 1), "alice")
-    client = Client(hub)
-    client.subscribe(["game_outcomes"])
-    hub.publish("game_outcome", outcome("alice", 2), "alice")
-    client.wait_count(2)
-    flush(hub)
-    client.collect()
-    assert [e["seq"] for e in client.events()] == [2]
+def test_balance_without_user_id_delivers_nothing(hub, log):
+    sub = Sub()
+    subscribe(hub, sub, ["balance"])
+    log.publish("balance", balance("a"), "a")
+    assert hub.flush(TIMEOUT)
+    assert sub.got == []
 
 
-# -- filters --------------------------------------------------------------------------
+def test_a_new_user_id_replaces_the_old_one_and_unsubscribe_stops_delivery(hub, log):
+    sub = Sub()
+    subscribe(hub, sub, ["game_outcomes", "balance"], "a")
+    live = subscribe(hub, sub, [], "b")
+    assert (live.events, live.user_id) == (("balance", "game_outcomes"), "b")
+    log.publish("game_outcome", outcome("a"), "a")
+    log.publish("game_outcome", outcome("b"), "b")
+    live = hub.unsubscribe(sub, ["game_outcomes"], on_live=sub.on_live)
+    assert live.events == ("balance",) and live.seq == 2
+    log.publish("game_outcome", outcome("b"), "b")
+    log.publish("balance", balance("b"), "b")
+    assert hub.flush(TIMEOUT)
+    assert sub.seqs() == [2, 4]
 
 
-def publish_mix(hub):
-    hub.publish("game_outcome", outcome("alice", 1), "alice")
-    hub.publish("game_outcome", outcome("bob", 2), "bob")
-    hub.publish("balance", balance("alice", 3), "alice")
-    hub.publish("balance", balance("bob", 4), "bob")
-    hub.publish("leaderboard", board("bob", "alice"))
-    flush(hub)
+def test_disconnect_stops_delivery(hub, log):
+    sub = Sub()
+    subscribe(hub, sub, ["game_outcomes"])
+    assert hub.subscriber_count() == 1
+    hub.disconnect(sub)
+    log.publish("game_outcome", outcome("a"), "a")
+    assert hub.flush(TIMEOUT)
+    assert sub.got == [] and hub.subscriber_count() == 0
 
 
-def test_filters_route_each_event_to_the_right_subscribers(hub):
-    all_outcomes, alice_outcomes, alice_balance, leaderboard, nothing = (Client(hub) for _ in range(5))
-    all_outcomes.subscribe(["game_outcomes"])
-    alice_outcomes.subscribe(["game_outcomes"], "alice")
-    alice_balance.subscribe(["balance"], "alice")
-    leaderboard.subscribe(["leaderboard"])
-    nothing.subscribe([])
-    publish_mix(hub)
-    for client in (all_outcomes, alice_outcomes, alice_balance, leaderboard, nothing):
-        client.collect()
-
-    def seen(client):
-        return [(e["type"], e["data"].get("user_id")) for e in client.events()]
-
-    assert seen(all_outcomes) == [("game_outcome", "alice"), ("game_outcome", "bob")]
-    assert seen(alice_outcomes) == [("game_outcome", "alice")]
-    assert seen(alice_balance) == [("balance", "alice")]
-    # The leaderboard subscriber also got its snapshot (seq 0) on subscribing.
-    assert [(e["seq"], e["data"]) for e in leaderboard.events()] == [(0, {"leaderboard": []}),
-                                                                     (5, board("bob", "alice"))]
-    assert nothing.events() == []
+def test_on_live_runs_at_the_exact_point_of_the_stream(hub, log):
+    """Everything before the change is not delivered, everything after is, and the reply sits between."""
+    sub = Sub()
+    for n in range(3):
+        log.publish("game_outcome", outcome("a", n), "a")
+    live = subscribe(hub, sub, ["game_outcomes"])
+    log.publish("game_outcome", outcome("a", 9), "a")
+    assert hub.flush(TIMEOUT)
+    assert live.seq == 3
+    assert sub.order == [live, sub.got[0]] and sub.seqs() == [4]
 
 
-def test_several_topics_on_one_connection_interleave_in_seq_order(hub):
-    client = Client(hub)
-    client.subscribe(["game_outcomes", "balance", "leaderboard"], "alice")
-    publish_mix(hub)
-    client.collect()
-    events = [e for e in client.events() if e["seq"] > 0]
-    assert [(e["seq"], e["type"]) for e in events] == [(1, "game_outcome"), (3, "balance"), (5, "leaderboard")]
+def test_snapshot_carries_the_board_as_of_the_change(hub, log):
+    sub = Sub()
+    live = subscribe(hub, sub, ["leaderboard"])
+    assert live.snapshot and live.board == {"leaderboard": []}
+    log.publish("leaderboard", board("a"))
+    log.publish("game_outcome", outcome("a"), "a")
+    later = Sub()
+    live = subscribe(hub, later, ["leaderboard", "game_outcomes"])
+    assert live.snapshot and live.board == board("a") and live.seq == 2
+    live = subscribe(hub, later, ["game_outcomes"])
+    assert not live.snapshot and live.board is None  # only a subscribe naming leaderboard gets one
 
 
-def test_balance_without_user_id_delivers_nothing(hub):
-    client = Client(hub)
-    client.subscribe(["balance"])
-    publish_mix(hub)
-    client.collect()
-    assert client.events() == []
+def test_overflowing_subscriber_is_dropped_and_others_keep_everything(hub, log):
+    slow, fast = Sub(capacity=3), Sub()
+    subscribe(hub, slow, ["game_outcomes"])
+    subscribe(hub, fast, ["game_outcomes"])
+    for n in range(10):
+        log.publish("game_outcome", outcome("a", n), "a")
+    assert hub.flush(TIMEOUT)
+    assert slow.seqs() == [1, 2, 3]  # refused the 4th, then forgotten: not asked again
+    assert fast.seqs() == list(range(1, 11))
+    assert subscribe is not None and hub.subscribe(slow, ["leaderboard"]) is None, "a dropped subscriber came back"
 
 
-def test_a_new_user_id_replaces_the_old_one(hub):
-    client = Client(hub)
-    client.subscribe(["balance", "game_outcomes"], "alice")
-    client.subscribe([], "bob")
-    assert client.wait_count(2)[1] == {"type": "subscribed", "events": ["balance", "game_outcomes"],
-                                       "user_id": "bob"}
-    publish_mix(hub)
-    client.collect()
-    assert [(e["type"], e["data"]["user_id"]) for e in client.events()] == [("game_outcome", "bob"),
-                                                                           ("balance", "bob")]
+def test_many_publishers_keep_one_order_for_every_subscriber(hub, log):
+    subs = [Sub() for _ in range(3)]
+    for sub in subs:
+        subscribe(hub, sub, ["game_outcomes"])
+
+    def publish(user):
+        for n in range(500):
+            log.publish("game_outcome", outcome(user, n), user)
+
+    threads = [threading.Thread(target=publish, args=(f"u{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert hub.flush(TIMEOUT)
+    for sub in subs:
+        assert sub.seqs() == list(range(1, 2001))
+        for i in range(4):
+            mine = [e.data["outcome_id"] for e in sub.got if e.user_id == f"u{i}"]
+            assert mine == [f"out_{n}" for n in range(500)]
 
 
-def test_quiet_subscribe_sets_the_user_without_a_reply(hub):
-    client = Client(hub)
-    client.subscribe(["balance"], "alice", quiet=True)
-    hub.publish("balance", balance("alice", 1), "alice")
-    flush(hub)
-    client.collect()
-    assert [m["type"] for m in client.received] == ["balance"]
+def test_feed_ignores_a_seq_already_taken_in_and_unknown_kinds(hub):
+    sub = Sub()
+    subscribe(hub, sub, list(TOPICS), "a")
+    hub.feed(1, "game_outcome", outcome("a"), "a")
+    hub.feed(1, "game_outcome", outcome("a", 1), "a")  # a duplicate (a reader that re-read an entry)
+    hub.feed(2, "mystery", {}, None)  # numbered, retained, delivered to nobody (not as a leaderboard)
+    hub.feed(3, "balance", balance("a"), "a")
+    assert hub.flush(TIMEOUT)
+    assert [(e.seq, e.kind) for e in sub.got] == [(1, "game_outcome"), (3, "balance")]
+    assert sub.got[0].data["outcome_id"] == "out_0"
 
 
-def test_unsubscribe_stops_delivery(hub):
-    client = Client(hub)
-    client.subscribe(["game_outcomes", "leaderboard"])
-    hub.publish("game_outcome", outcome("alice", 1), "alice")
-    client.unsubscribe(["game_outcomes"])
-    hub.publish("game_outcome", outcome("alice", 2), "alice")
-    hub.publish("leaderboard", board("alice"))
-    flush(hub)
-    client.collect()
-    assert [m["type"] for m in client.received] == [
-        "subscribed", "leaderboard", "game_outcome", "unsubscribed", "leaderboard",
-    ]
-    assert [e["seq"] for e in client.events("game_outcome")] == [1]
-    assert client.received[3] == {"type": "unsubscribed", "events": ["leaderboard"]}
+# -- history and recovery -----------------------------------------------------------------------
 
 
-def test_disconnect_stops_delivery_and_counts(hub):
-    client = Client(hub)
-    client.subscribe(["game_outcomes"])
-    assert hub.connection_count() == 1
-    hub.disconnect(client.sub)
-    assert hub.connection_count() == 0
-    hub.publish("game_outcome", outcome("alice"), "alice")
-    flush(hub)
-    client.collect()
-    assert client.events() == []
+def test_recovery_replays_matching_retained_events_after_since(hub, log):
+    first = Sub()
+    live = subscribe(hub, first, ["game_outcomes", "balance"], "a")
+    for n in range(6):
+        log.publish("game_outcome", outcome("a" if n % 2 else "b", n), "a" if n % 2 else "b")
+        log.publish("balance", balance("a", n), "a")
+    assert hub.flush(TIMEOUT)
+    seen = first.seqs()
+    since = seen[2]  # it lost the connection after its third event
+    again = Sub()
+    live = subscribe(hub, again, ["game_outcomes", "balance"], "a", since=since, epoch=live.epoch)
+    assert live.recovered is True and live.seq == 12 and not live.snapshot
+    assert [e.seq for e in live.replay] == [s for s in seen if s > since]
+    assert all(e.user_id == "a" for e in live.replay)
+    log.publish("balance", balance("a", 99), "a")
+    assert hub.flush(TIMEOUT)
+    assert again.order == [live, *live.replay, again.got[-1]] and again.seqs() == [13]
 
 
-# -- replies and the leaderboard snapshot ----------------------------------------
+def test_recovery_replays_only_the_topics_asked_for(hub, log):
+    log.publish("game_outcome", outcome("a"), "a")
+    log.publish("leaderboard", board("a"))
+    log.publish("balance", balance("a"), "a")
+    live = subscribe(hub, Sub(), ["leaderboard"], since=0, epoch=hub.epoch)
+    assert live.recovered and [e.seq for e in live.replay] == [2] and not live.snapshot and live.board is None
+    live = subscribe(hub, Sub(), ["game_outcomes"], since=3, epoch=hub.epoch)
+    assert live.recovered and live.replay == ()  # nothing after since: recovered, nothing to replay
 
 
-def test_subscribed_and_unsubscribed_replies_carry_the_id(hub):
-    client = Client(hub)
-    client.subscribe(["game_outcomes"], "alice", reply_id="r1")
-    client.subscribe(["leaderboard"], reply_id=2)
-    client.unsubscribe(["game_outcomes"], reply_id="r3")
-    client.subscribe([])
-    client.wait_count(5)
-    assert client.received == [
-        {"type": "subscribed", "events": ["game_outcomes"], "user_id": "alice", "id": "r1"},
-        {"type": "subscribed", "events": ["game_outcomes", "leaderboard"], "user_id": "alice", "id": 2},
-        {"type": "leaderboard", "seq": 0, "data": {"leaderboard": []}},
-        {"type": "unsubscribed", "events": ["leaderboard"], "id": "r3"},
-        {"type": "subscribed", "events": ["leaderboard"], "user_id": "alice"},  # no id asked, none given
-    ]
+@pytest.mark.parametrize("case", ["wrong-epoch", "future-since"])
+def test_no_recovery_for_another_epoch_or_an_unknown_seq(hub, log, case):
+    log.publish("game_outcome", outcome("a"), "a")
+    since, epoch = (0, "not-" + hub.epoch) if case == "wrong-epoch" else (5, hub.epoch)
+    live = subscribe(hub, Sub(), ["game_outcomes", "leaderboard"], since=since, epoch=epoch)
+    assert live.recovered is False and live.replay == ()
+    assert live.snapshot and live.board == {"leaderboard": []}
 
 
-def test_subscribed_without_user_gives_null(hub):
-    client = Client(hub)
-    client.subscribe(["game_outcomes"])
-    assert client.wait_count(1)[0] == {"type": "subscribed", "events": ["game_outcomes"], "user_id": None}
-
-
-def test_leaderboard_snapshot_carries_the_latest_board_and_seq(hub):
-    hub.publish("leaderboard", board("alice"))
-    hub.publish("leaderboard", board("bob", "alice"))
-    hub.publish("game_outcome", outcome("carol"), "carol")  # nobody listens, but it is numbered
-    hub.publish("balance", balance("carol"), "carol")
-    client = Client(hub)
-    client.subscribe(["leaderboard"], reply_id="x")
-    client.wait_count(2)
-    assert client.received == [
-        {"type": "subscribed", "events": ["leaderboard"], "user_id": None, "id": "x"},
-        {"type": "leaderboard", "seq": 4, "data": board("bob", "alice")},
-    ]
-    hub.publish("leaderboard", board("carol"))
-    client.wait_count(3)
-    assert client.received[2] == {"type": "leaderboard", "seq": 5, "data": board("carol")}
-
-
-def test_snapshot_seq_is_the_last_event_before_the_subscribe_not_after():
-    """Queue board A, the subscribe, then board B before the dispatcher runs: snapshot is A (seq 1), then B."""
-    hub = EventHub()  # not started yet, so everything below queues up in order
+def test_history_keeps_the_newest_events_and_refuses_older_since():
+    hub = EventHub(history=5).start()
     try:
-        client = Client(hub)
-        hub.publish("leaderboard", board("alice"))
-        assert hub.subscribe(client.sub, ["leaderboard"], timeout=0) is False  # queued, not yet live
-        hub.publish("leaderboard", board("bob"))
-        hub.start()
-        client.wait_count(3)
-        assert client.received == [
-            {"type": "subscribed", "events": ["leaderboard"], "user_id": None},
-            {"type": "leaderboard", "seq": 1, "data": board("alice")},
-            {"type": "leaderboard", "seq": 2, "data": board("bob")},
-        ]
+        log = MemoryEventLog(hub)
+        for n in range(12):
+            log.publish("game_outcome", outcome("a", n), "a")
+        assert hub.flush(TIMEOUT)
+        assert subscribe(hub, Sub(), ["game_outcomes"], since=6, epoch=hub.epoch).recovered is False
+        live = subscribe(hub, Sub(), ["game_outcomes"], since=7, epoch=hub.epoch)
+        assert live.recovered is True and [e.seq for e in live.replay] == [8, 9, 10, 11, 12]
     finally:
         hub.stop()
 
 
-def test_no_snapshot_without_leaderboard(hub):
-    hub.publish("leaderboard", board("alice"))
-    client = Client(hub)
-    client.subscribe(["game_outcomes"])
-    flush(hub)
-    client.collect()
-    assert [m["type"] for m in client.received] == ["subscribed"]
-
-
-# -- slow subscribers --------------------------------------------------------------
-
-
-def test_full_queue_cuts_off_only_that_subscriber(hub):
-    slow = Client(hub, queue_size=5)
-    fast = Client(hub)
-    slow.subscribe(["game_outcomes"])
-    fast.subscribe(["game_outcomes"])
-    slow.wait_count(1)  # the writer took the `subscribed` reply; from now on slow reads nothing
-    for i in range(20):
-        hub.publish("game_outcome", outcome("alice", i), "alice")
-    fast.wait_count(21)
-    assert slow.cutoff_event.wait(TIMEOUT)
-    assert slow.sub.cut_off is True
-    assert [e["seq"] for e in fast.events()] == list(range(1, 21))
-
-    # What slow has queued is an in-order prefix no longer than its queue; then nothing more.
-    slow.collect()
-    seqs = [e["seq"] for e in slow.events()]
-    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) <= 5
-    for i in range(5):
-        hub.publish("game_outcome", outcome("alice", 100 + i), "alice")
-    fast.wait_count(26)
-    flush(hub)
-    assert slow.collect() == slow.received and len(slow.events()) == len(seqs)
-    assert slow.cutoff_calls == 1
-    # A cut-off subscriber cannot subscribe again.
-    slow.subscribe(["game_outcomes"])
-    assert slow.collect() == slow.received and len(slow.received) == 1 + len(seqs)
-
-
-def test_queue_holds_exactly_queue_size_events_before_cut_off(hub):
-    client = Client(hub, queue_size=5)
-    client.subscribe(["balance"], "alice")
-    client.wait_count(1)
-    for i in range(5):
-        hub.publish("balance", balance("alice", i), "alice")
-    flush(hub)
-    assert client.sub.cut_off is False
-    hub.publish("balance", balance("alice", 5), "alice")
-    assert client.cutoff_event.wait(TIMEOUT)
-    client.collect()
-    assert [e["seq"] for e in client.events()] == [1, 2, 3, 4, 5]
-
-
-def test_cut_off_wakes_the_subscriber_after_marking_it(hub):
-    seen = []  # sub.cut_off as it was at each wake() call
-    sub = hub.connect(Subscriber(lambda: seen.append(sub.cut_off), queue_size=1))
-    assert hub.subscribe(sub, ["game_outcomes"])
-    sub.drain()
-    hub.publish("game_outcome", outcome("a", 1), "a")  # fills the queue
-    hub.publish("game_outcome", outcome("a", 2), "a")  # overflows it
-    flush(hub)
-    assert sub.cut_off
-    assert seen[-1] is True, "the connection must be woken once cut_off is set, so it can close with 1013"
-
-
-def test_many_publishers_and_a_stalled_subscriber_never_block(hub):
-    """20k publishes from 8 threads complete; the stalled reader is cut off, the other gets everything."""
-    n_threads, per_thread = 8, 2500
-    stalled = Client(hub, queue_size=5)
-    reader = Client(hub, queue_size=10**6)  # big enough never to be cut off while we read in bursts
-    stalled.subscribe(["game_outcomes"])
-    reader.subscribe(["game_outcomes"])
-    stalled.wait_count(1)
-    barrier = threading.Barrier(n_threads)
-
-    def publisher(t):
-        barrier.wait(TIMEOUT)
-        for i in range(per_thread):
-            hub.publish("game_outcome", {"t": t, "i": i}, "u")
-
-    threads = [threading.Thread(target=publisher, args=(t,), daemon=True) for t in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-        assert not t.is_alive(), "publish() blocked"
-
-    total = n_threads * per_thread
-    reader.wait_count(1 + total)
-    assert stalled.sub.cut_off and stalled.cutoff_calls == 1
-    events = reader.events()
-    assert [e["seq"] for e in events] == list(range(1, total + 1))
-    # Each publisher's own events keep their order.
-    per = {t: [e["data"]["i"] for e in events if e["data"]["t"] == t] for t in range(n_threads)}
-    assert per == {t: list(range(per_thread)) for t in range(n_threads)}
-
-
-def test_seq_strictly_increasing_for_a_reader_draining_during_publishing(hub):
-    n_threads, per_thread = 4, 1000
-    reader = Client(hub, queue_size=10**6)
-    reader.subscribe(["balance"], "alice")
-    reader.wait_count(1)
-    barrier = threading.Barrier(n_threads + 1)
-
-    def publisher():
-        barrier.wait(TIMEOUT)
-        for i in range(per_thread):
-            hub.publish("balance", balance("alice", i), "alice")
-
-    threads = [threading.Thread(target=publisher, daemon=True) for _ in range(n_threads)]
-    for t in threads:
-        t.start()
-    barrier.wait(TIMEOUT)
-    reader.wait_count(1 + n_threads * per_thread)  # drains while the publishers run
-    for t in threads:
-        t.join(TIMEOUT)
-        assert not t.is_alive()
-    seqs = [e["seq"] for e in reader.events()]
-    assert all(a < b for a, b in zip(seqs, seqs[1:], strict=False))
-    assert len(seqs) == n_threads * per_thread
-
-
-# -- shutdown -----------------------------------------------------------------------
-
-
-def test_close_all_sets_close_code_and_wakes_every_connection(hub):
-    a, b, gone = Client(hub), Client(hub), Client(hub)
-    hub.disconnect(gone.sub)
-    for c in (a, b, gone):
-        c.woken.clear()
-    assert hub.close_all(1001) == 2
-    for c in (a, b):
-        assert c.woken.is_set()
-        assert c.sub.close_code == 1001
-    assert gone.sub.close_code is None and not gone.woken.is_set()
-
-
-def test_stop_ends_the_dispatcher():
+def test_default_history_holds_10000_events():
+    assert HISTORY >= 10_000
     hub = EventHub().start()
-    hub.stop()
-    assert not hub._thread.is_alive()
+    try:
+        log = MemoryEventLog(hub)
+        for n in range(HISTORY + 50):
+            log.publish("balance", balance("a", n), "a")
+        assert hub.flush(TIMEOUT)
+        live = subscribe(hub, Sub(), ["balance"], "a", since=50, epoch=hub.epoch)
+        assert live.recovered and len(live.replay) == HISTORY
+        assert subscribe(hub, Sub(), ["balance"], "a", since=49, epoch=hub.epoch).recovered is False
+    finally:
+        hub.stop()
+
+
+def test_each_hub_has_its_own_epoch():
+    assert EventHub().epoch != EventHub().epoch
+    assert EventHub("fixed").epoch == "fixed"
+
+
+def test_replay_boundary_is_exact_under_concurrent_feeds(hub, log):
+    """Subscribers that recover while four threads publish: replay + live is every event after since, once."""
+    writers_done = threading.Event()
+
+    def publish(user):
+        n = 0
+        while not writers_done.is_set() and n < 2000:  # 8,000 in all: every since stays retained
+            log.publish("game_outcome", outcome(user, n), user)
+            n += 1
+
+    threads = [threading.Thread(target=publish, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        subs = []
+        for back in range(30):
+            sub = Sub()
+            live = subscribe(hub, sub, ["game_outcomes"], since=max(0, hub.seq - back * 7), epoch=hub.epoch)
+            subs.append((sub, live))
+    finally:
+        writers_done.set()
+        for t in threads:
+            t.join(TIMEOUT)
+    assert hub.flush(TIMEOUT)
+    last = hub.seq
+    for sub, live in subs:
+        assert live.recovered, live
+        since = live.replay[0].seq - 1 if live.replay else live.seq
+        got = [e.seq for e in live.replay] + sub.seqs()
+        assert got == list(range(since + 1, last + 1)), f"gap or duplicate after since={since}"
+        assert all(e.seq <= live.seq for e in live.replay) and all(s > live.seq for s in sub.seqs())
+
+
+def test_reset_cancels_subscribers_and_adopts_the_new_history(hub, log):
+    sub = Sub()
+    old = subscribe(hub, sub, ["game_outcomes", "leaderboard"])
+    log.publish("leaderboard", board("a"))
+    hub.reset("epoch-2", 40)
+    assert sub.cancelled == ["resync"]
+    assert hub.epoch == "epoch-2" and hub.seq == 40
+    hub.feed(41, "game_outcome", outcome("a"), "a")
+    assert hub.flush(TIMEOUT)
+    assert sub.seqs() == [1]  # nothing after the reset reaches a cancelled subscriber
+    again = Sub()
+    live = subscribe(hub, again, ["game_outcomes", "leaderboard"], since=1, epoch=old.epoch)
+    assert live.recovered is False and live.epoch == "epoch-2" and live.seq == 41
+    assert live.snapshot and live.board is None  # unknown after a reset: the front end reads the store
+    live = subscribe(hub, Sub(), ["game_outcomes"], since=40, epoch="epoch-2")
+    assert live.recovered and [e.seq for e in live.replay] == [41]
+
+
+def test_preload_fills_the_history_without_delivering(hub):
+    sub = Sub()
+    subscribe(hub, sub, list(TOPICS), "a")
+    events = [(n, "balance", balance("a", n), "a") if n != 95 else (n, "leaderboard", board("z"), None)
+              for n in range(91, 101)]
+    hub.preload(events, "shared", 100)
+    assert hub.flush(TIMEOUT) and sub.got == []
+    live = subscribe(hub, Sub(), ["balance", "leaderboard"], "a", since=94, epoch="shared")
+    assert live.recovered and [e.seq for e in live.replay] == [95, 96, 97, 98, 99, 100]
+    live = subscribe(hub, Sub(), ["leaderboard"])
+    assert live.board == board("z") and live.seq == 100
+    assert subscribe(hub, Sub(), ["balance"], "a", since=89, epoch="shared").recovered is False
+    assert subscribe(hub, Sub(), ["balance"], "a", since=90, epoch="shared").recovered is True
+
+
+def test_preload_before_start_needs_no_dispatcher():
+    hub = EventHub()
+    hub.preload([(1, "game_outcome", outcome("a"), "a")], "e", 1, board=board("q"))
+    hub.start()
+    try:
+        live = subscribe(hub, Sub(), ["game_outcomes", "leaderboard"], since=0, epoch="e")
+        assert live.recovered and [e.seq for e in live.replay] == [1]
+        assert subscribe(hub, Sub(), ["leaderboard"]).board == board("q")
+    finally:
+        hub.stop()
+
+
+def test_memory_of_a_full_history():
+    """Bytes per retained event: the event, its data dict and strings, and the frame cached on it."""
+    import ws
+
+    hub = EventHub(history=HISTORY)
+    log = MemoryEventLog(hub)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        hub.start()
+        for n in range(HISTORY):
+            user = f"user{n % 500:05d}"
+            data = {"outcome_id": f"out_{n:012d}", "user_id": user, "game": "slots", "bet": 100,
+                    "payout": 250, "net": 150, "balance": 100_000 + n,
+                    "timestamp": f"2026-11-29T14:{n % 60:02d}:00.000000Z"}
+            log.publish("game_outcome", data, user)
+        live = hub.subscribe(Sub(), ["game_outcomes"], since=0, epoch=hub.epoch)
+        assert live.recovered and len(live.replay) == HISTORY
+        for event in live.replay:  # the first receiver encodes each event; the frame stays with it
+            ws.event_frame(event)
+        del live
+        after = tracemalloc.take_snapshot()
+    finally:
+        hub.stop()
+        tracemalloc.stop()
+    per_event = sum(s.size_diff for s in after.compare_to(before, "filename")) / HISTORY
+    print(f"\nretained history: {per_event:.0f} bytes per event ({per_event * HISTORY / 1e6:.1f} MB for {HISTORY})")
+    assert per_event < 2000

@@ -50,9 +50,9 @@ class _Client(simple_websocket.Client):
 class WS:
     """A simple_websocket client that decodes JSON and checks the `seq` rule on every message it gets.
 
-    `seq` must increase strictly from one seq-carrying message to the next, except that the
-    leaderboard snapshot (the message right after a `subscribed` that includes `leaderboard`)
-    may equal the last seq seen.
+    `seq` must increase strictly from one seq-carrying message to the next, except that a
+    `subscribed` and the leaderboard snapshot (the message right after a `subscribed` that includes
+    `leaderboard`) may equal the last seq seen.
     """
 
     def __init__(self, url):
@@ -77,7 +77,7 @@ class WS:
             snapshot = (msg["type"] == "leaderboard" and prev is not None and prev["type"] == "subscribed"
                         and "leaderboard" in prev["events"])
             if self.last_seq is not None:
-                if snapshot:
+                if snapshot or msg["type"] == "subscribed":  # both name the latest seq already published
                     assert seq >= self.last_seq, f"snapshot seq {seq} went back from {self.last_seq}"
                 else:
                     assert seq > self.last_seq, f"seq {seq} after {self.last_seq}: {msg!r}"
