@@ -215,6 +215,26 @@ def test_player_token_expiring_after_it_was_accepted():
     refused("unauthorized", clocked.authenticate, token("alice", exp=int(NOW + 60)))
 
 
+def test_verified_tokens_are_remembered_until_they_expire(monkeypatch):
+    now = [NOW]
+    clocked = Auth([KEY], SECRET, clock=lambda: now[0])
+    valid = token("alice", exp=int(NOW + 60))
+    first = clocked.authenticate(valid)
+    decoded = []
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: decoded.append(a) or pytest.fail("decoded again"))
+    assert clocked.authenticate(valid) is first and not decoded
+    now[0] = NOW + 60
+    refused("unauthorized", clocked.authenticate, valid)
+    monkeypatch.undo()
+    # Refused tokens are never remembered: each is checked again (and refused again).
+    real_decode = auth.jwt.decode
+    monkeypatch.setattr(auth.jwt, "decode", lambda *a, **k: decoded.append(a) or real_decode(*a, **k))
+    forged = token("alice", secret="x" * 40)
+    for _ in range(2):
+        refused("unauthorized", clocked.authenticate, forged)
+    assert len(decoded) == 2
+
+
 def test_every_key_is_compared_in_constant_time(on, monkeypatch):
     compared = []
     real = auth.hmac.compare_digest
