@@ -646,8 +646,10 @@ def register(app: Flask, sock: object = None, hub: EventHub | None = None) -> Re
     """
     registry = Registry()
     app.extensions["wallet.ws"] = registry
-    if hub is not None:  # TODO(H5 lands): today's app.py passes the hub here and shuts down through it
+    if hub is not None:
         app.extensions.setdefault("wallet.hub", hub)
+    hub = app.extensions.get("wallet.hub")
+    if hub is not None:  # TODO(H5 lands): app.py still shuts WebSockets down through hub.close_all()
         hub.compat_registry = registry
     for path in ("/ws", "/ws/"):
         # Werkzeug routes upgrade requests only to rules marked websocket; a plain request gets the other.

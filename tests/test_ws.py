@@ -50,9 +50,10 @@ class _Client(simple_websocket.Client):
 class WS:
     """A simple_websocket client that decodes JSON and checks the `seq` rule on every message it gets.
 
-    `seq` must increase strictly from one seq-carrying message to the next, except that a
-    `subscribed` and the leaderboard snapshot (the message right after a `subscribed` that includes
-    `leaderboard`) may equal the last seq seen.
+    Event `seq`s increase strictly. A `subscribed` names the latest seq already published (never
+    below an event seen), and the events after it are greater, except the replay that follows a
+    `subscribed` with `recovered: true` (those continue from the client's `since`). The leaderboard
+    snapshot (right after a `subscribed` naming `leaderboard`) carries the `subscribed` seq.
     """
 
     def __init__(self, url):
@@ -75,13 +76,18 @@ class WS:
             assert isinstance(seq, int) and not isinstance(seq, bool), msg
             prev = self.received[-1] if self.received else None
             snapshot = (msg["type"] == "leaderboard" and prev is not None and prev["type"] == "subscribed"
-                        and "leaderboard" in prev["events"])
-            if self.last_seq is not None:
-                if snapshot or msg["type"] == "subscribed":  # both name the latest seq already published
-                    assert seq >= self.last_seq, f"snapshot seq {seq} went back from {self.last_seq}"
-                else:
+                        and "leaderboard" in prev["events"] and not prev.get("recovered"))
+            if msg["type"] == "subscribed" or snapshot:  # both name the latest seq already published
+                if self.last_seq is not None:
+                    assert seq >= self.last_seq, f"{msg['type']} seq {seq} went back from {self.last_seq}"
+                if snapshot:
+                    assert seq == prev["seq"], f"snapshot seq {seq} is not the subscribed seq {prev['seq']}"
+                elif not msg.get("recovered"):
+                    self.last_seq = seq  # every event after it has a greater seq
+            else:
+                if self.last_seq is not None:
                     assert seq > self.last_seq, f"seq {seq} after {self.last_seq}: {msg!r}"
-            self.last_seq = seq
+                self.last_seq = seq
         self.received.append(msg)
         return msg
 
