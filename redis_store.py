@@ -403,8 +403,12 @@ class RedisEventReader:
     def start(self) -> "RedisEventReader":
         """Preload the history, then tail in a thread. Raises redis errors when Redis cannot be reached."""
         self._client = self._factory()
-        epoch, events, last_seq = self._snapshot(self._client)
-        self._hub.preload(events, epoch, last_seq)
+        try:
+            epoch, events, last_seq, board = self._snapshot(self._client)
+        except BaseException:
+            self._client.close()
+            raise
+        self._hub.preload(events, epoch, last_seq, board=board)
         self.epoch, self.last_seq, self.connected = epoch, last_seq, True
         self._thread = threading.Thread(target=self._run, name="redis-event-reader", daemon=True)
         self._thread.start()
@@ -417,20 +421,22 @@ class RedisEventReader:
         if self._client is not None:
             self._client.close()
 
-    def _snapshot(self, client: redis.Redis) -> tuple[str, list[tuple], int]:
-        """The epoch, the newest retained events (oldest first) and the last seq, read atomically."""
+    def _snapshot(self, client: redis.Redis) -> tuple[str, list[tuple], int, dict]:
+        """The epoch, the newest retained events (oldest first), the last seq and the board, read atomically."""
         while True:
             pipe = client.pipeline(transaction=True)
             pipe.get(self._epoch_key)
             pipe.xrevrange(self._stream, count=self._history)
             pipe.get(self._prefix + "seq")
-            epoch, newest, seq = pipe.execute()
+            pipe.zrange(self._prefix + "board", 0, BOARD_SIZE - 1)
+            epoch, newest, seq, members = pipe.execute()
             if epoch is None:
                 client.set(self._epoch_key, f"{int(time.time() * 1e6)}-{uuid.uuid4().hex[:8]}", nx=True)
                 continue
             events = [_event(entry_id, fields) for entry_id, fields in reversed(newest)]
             last_seq = events[-1][0] if events else int(seq or 0)
-            return epoch.decode(), events, last_seq
+            board = {"leaderboard": [_board_row(rank, m) for rank, m in enumerate(members, start=1)]}
+            return epoch.decode(), events, last_seq, board
 
     def _run(self) -> None:
         client = self._client
@@ -478,23 +484,26 @@ class RedisEventReader:
                 event = _event(entry_id, fields)
                 if event[0] != self.last_seq + 1:
                     # Trimmed before we read them (a long outage): subscribers must resync.
-                    reader_log.warning("event reader: events %d..%d were trimmed before delivery",
-                                       self.last_seq + 1, event[0] - 1)
-                    self._hub.reset(self.epoch, event[0] - 1)
+                    reader_log.warning("event reader: events after seq %d were trimmed before delivery",
+                                       self.last_seq)
+                    self._resync(client, force=True)
+                    return
                 self._hub.feed(*event)
                 self.last_seq = event[0]
 
-    def _resync(self, client: redis.Redis) -> None:
-        """After a reconnect or an epoch change: same history -> carry on; another -> reset the hub."""
-        epoch, events, last_seq = self._snapshot(client)
-        if epoch == self.epoch:
+    def _resync(self, client: redis.Redis, force: bool = False) -> None:
+        """After a reconnect or an epoch change: same history -> carry on; otherwise restart the hub's history.
+
+        The hub drops its subscribers (they reconnect with `since`) and takes the stream's newest events.
+        """
+        epoch, events, last_seq, board = self._snapshot(client)
+        if epoch == self.epoch and not force:
             return  # tailing from last_seq catches up; a gap is detected there
-        reader_log.warning("event reader: the event history changed (epoch %s -> %s): subscribers resync",
-                           self.epoch, epoch)
-        first = events[0][0] - 1 if events else last_seq
-        self._hub.reset(epoch, first)
-        for event in events:
-            self._hub.feed(*event)
+        if epoch != self.epoch:
+            reader_log.warning("event reader: the event history changed (epoch %s -> %s): subscribers resync",
+                               self.epoch, epoch)
+        self._hub.reset(epoch, last_seq, board=board)
+        self._hub.preload(events, epoch, last_seq, board=board)
         self.epoch, self.last_seq = epoch, last_seq
 
 
