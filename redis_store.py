@@ -292,6 +292,7 @@ class RedisStore:
         # Names a new event history together with the server's time; random so two Redis servers never agree.
         self._token = secrets.token_hex(4)
         self._script = client.register_script(_SCRIPT)
+        self._warned_at = 0.0
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -300,7 +301,11 @@ class RedisStore:
         try:
             return fn(*args)
         except _DOWN as exc:
-            log.warning("Redis unreachable: %s", exc)
+            # Every request fails while Redis is gone: one line every few seconds says so.
+            now = time.monotonic()
+            if now - self._warned_at > 5.0:
+                self._warned_at = now
+                log.warning("Redis unreachable (%s): answering 503", type(exc).__name__)
             raise StoreUnavailable(UNREACHABLE) from None
 
     # -- reads ---------------------------------------------------------------
