@@ -21,6 +21,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 import simple_websocket
+from wsproto.events import AcceptConnection, Request
+
+from conftest import wait_for
 
 TIMEOUT = 10.0  # only a broken server ever gets near this
 MAX_MESSAGE = 4096
@@ -935,3 +938,269 @@ def test_slow_consumer_is_closed_with_1013_and_others_get_everything(start_serve
         print(f"\nslow consumer: cut off after {len(got)} of {total} outcomes; posting took {elapsed:.1f}s")
     finally:
         stalled.close()
+
+
+# -- fixes of the reshape ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("events", ["game_outcomes", {"game_outcomes": True}, 3, None, True])
+def test_subscribe_whose_events_is_not_a_list_is_invalid_message(server, connect, events):
+    ws = connect(server.ws_url)
+    ws.send({"action": "subscribe", "events": events, "id": "e"})
+    ws.expect("error", id="e", error="invalid_message")
+    ws.send({"action": "unsubscribe", "events": events, "id": "u"})
+    ws.expect("error", id="u", error="invalid_message")
+    assert ws.subscribed_state() == ([], None)
+
+
+def test_ws_with_a_trailing_slash_is_the_same_endpoint(server, connect, uid, http):
+    ws = connect(server.ws_url + f"/?events=balance&user_id={uid}")
+    hello = ws.expect("subscribed", user_id=uid)
+    assert hello["events"] == ["balance"] and "epoch" in hello
+    dep = deposit(http, server.url, uid, 3)
+    ws.until(is_event("balance", transaction_id=dep["transaction_id"]), what="the deposit")
+    bad = connect(server.ws_url + "/?events=nope")
+    code, got = bad.expect_close()
+    assert code == 1008 and got[0]["error"] == "invalid_request"
+    r = requests.get(server.url + "/ws/", timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+
+
+class _BusyClient(simple_websocket.Client):
+    """simple-websocket 1.1's own client, reading the handshake response only once the first frame came too.
+
+    Its handshake() takes the 101 out of wsproto and leaves any frame that arrived in the same recv()
+    unprocessed until more data comes. A client thread that is late to read (a busy machine) always
+    gets them together; this one waits for that (the library's handshake, minus the race).
+    """
+
+    def handshake(self):
+        self.sock.sendall(self.ws.send(Request(host=self.host, target=self.path)))
+
+        def head_and_a_frame():
+            try:
+                data = self.sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            end = data.find(b"\r\n\r\n")
+            return end >= 0 and len(data) > end + 4
+
+        wait_for(head_and_a_frame, timeout=TIMEOUT, message="the 101 response and the first frame")
+        self.ws.receive_data(self.sock.recv(self.receive_bytes))
+        event = next(self.ws.events())
+        assert isinstance(event, AcceptConnection), event
+        self.connected = True  # the frame is still inside wsproto, as in the library's own handshake
+
+
+@pytest.mark.parametrize("query", ["?events=leaderboard", "?events=nope"])
+def test_simple_websocket_client_gets_the_frames_sent_with_the_handshake(server, query):
+    """The server's nudge (a ping shortly after frames sent at connect) makes such a client read them."""
+    client = _BusyClient.connect(server.ws_url + query)
+    try:
+        raw = client.receive(timeout=3)
+        assert raw is not None, "the first frame never reached the client"
+        assert json.loads(raw)["type"] == ("subscribed" if "leaderboard" in query else "error")
+    except simple_websocket.ConnectionClosed:
+        raise AssertionError("closed before the first message was read") from None
+    finally:
+        try:
+            client.close()
+        except simple_websocket.ConnectionClosed:
+            pass  # the server closed first (the bad query)
+
+
+# -- in-process server: authentication, origins, resync, shutdown -----------------------------------
+# ws.register on a bare Flask app with the collaborators in app.extensions, served by http_server on a
+# thread: the WebSocket side on its own, whatever app.py does around it.
+
+OPERATOR_KEY = "k" * 40
+TOKEN_SECRET = "s" * 40
+
+
+class InProcess:
+    def __init__(self, auth=None, allowed_origins=()):
+        import inspect
+
+        from flask import Flask
+
+        import http_server
+        import ws
+        from events import EventHub, MemoryEventLog
+        from wallet_store import MemoryStore
+
+        self.hub = EventHub().start()
+        self.store = MemoryStore(MemoryEventLog(self.hub))
+        self.auth = auth
+        app = Flask("ws-test")
+        app.config["ALLOWED_ORIGINS"] = frozenset(allowed_origins)
+        app.extensions.update({"wallet.hub": self.hub, "wallet.store": self.store, "wallet.auth": auth})
+        self.registry = ws.register(app)
+        sock = http_server.bind("127.0.0.1", 0)
+        kwargs = {"max_connections": 500} if "max_connections" in inspect.signature(http_server.Server).parameters \
+            else {}
+        self.server = http_server.Server(sock, app, **kwargs)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        port = self.server.server_address[1]
+        self.url, self.ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
+
+    def stop(self):
+        self.registry.close_all(1001)
+        self.server.shutdown()
+        self.server.server_close()
+        self.hub.stop()
+
+
+@pytest.fixture
+def inproc():
+    started = []
+
+    def start(**kwargs):
+        started.append(InProcess(**kwargs))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def with_auth():
+    from auth import Auth
+
+    return Auth([OPERATOR_KEY], TOKEN_SECRET)
+
+
+class HeaderWS(WS):
+    def __init__(self, url, headers):
+        self.client = _Client.connect(url, headers=headers)
+        self.received = []
+        self.last_seq = None
+
+
+@pytest.mark.parametrize("how", ["none", "bad-token", "bad-header", "other-scheme", "expired-token"])
+def test_missing_or_invalid_credential_gets_unauthorized_then_1008(inproc, connect, how):
+    import jwt
+
+    srv = inproc(auth=with_auth())
+    expired = jwt.encode({"sub": "p1", "exp": int(time.time()) - 10}, TOKEN_SECRET, algorithm="HS256")
+    query = {"none": "", "bad-token": "&token=nope", "expired-token": f"&token={expired}"}.get(how, "")
+    headers = {"bad-header": {"Authorization": "Bearer nope"},
+               "other-scheme": {"Authorization": f"Basic {OPERATOR_KEY}"}}.get(how)
+    url = f"{srv.ws_url}?events=leaderboard{query}"
+    ws = HeaderWS(url, headers) if headers else connect(url)
+    code, got = ws.expect_close()
+    assert code == 1008
+    assert len(got) == 1 and got[0]["type"] == "error" and got[0]["error"] == "unauthorized", got
+
+
+def test_operator_key_in_the_header_or_the_query(inproc, connect):
+    srv = inproc(auth=with_auth())
+    by_header = HeaderWS(f"{srv.ws_url}?events=game_outcomes", {"Authorization": f"Bearer {OPERATOR_KEY}"})
+    by_header.expect("subscribed", events=["game_outcomes"])
+    by_header.close()
+    by_query = connect(f"{srv.ws_url}?events=game_outcomes&token={OPERATOR_KEY}")
+    by_query.expect("subscribed", events=["game_outcomes"])
+    srv.store.settle("anyone", "slots", 0, 5)
+    by_query.until(lambda m: m["type"] == "game_outcome", what="the outcome")
+
+
+def test_player_token_subscribes_to_its_own_user_only(inproc, connect):
+    srv = inproc(auth=with_auth())
+    token = srv.auth.mint("p1", 60)["token"]
+    ws = connect(f"{srv.ws_url}?events=balance,leaderboard&user_id=p1&token={token}")
+    ws.expect("subscribed", user_id="p1")
+    ws.expect("leaderboard")
+    for message in ({"action": "subscribe", "events": ["game_outcomes"], "user_id": "p2", "id": "f1"},
+                    {"action": "subscribe", "events": [], "user_id": "p2", "id": "f2"}):
+        ws.send(message)
+        ws.expect("error", id=message["id"], error="forbidden")
+    assert ws.subscribed_state() == (["balance", "leaderboard"], "p1")  # unchanged, still open
+    ws.send({"action": "subscribe", "events": ["game_outcomes"], "id": "ok"})
+    ws.expect("subscribed", id="ok", user_id="p1")
+    srv.store.deposit("p2", 5)
+    srv.store.deposit("p1", 7)
+    msg = ws.recv()
+    assert msg["type"] == "balance" and msg["data"]["user_id"] == "p1"
+
+    for query in ("events=game_outcomes", "events=balance&user_id=p2", "events=game_outcomes,leaderboard&user_id=p2"):
+        refused = connect(f"{srv.ws_url}?{query}&token={token}")
+        code, got = refused.expect_close()
+        assert code == 1008 and [m["error"] for m in got] == ["forbidden"], (query, got)
+
+
+def test_expired_player_token_closes_with_1008_at_expiry(inproc, connect):
+    from auth import Auth
+
+    srv = inproc(auth=Auth([OPERATOR_KEY], TOKEN_SECRET))
+    import jwt
+
+    expires = time.time() + 1.5
+    token = jwt.encode({"sub": "p1", "exp": expires}, TOKEN_SECRET, algorithm="HS256")
+    ws = connect(f"{srv.ws_url}?events=leaderboard&token={token}")
+    ws.expect("subscribed")
+    code, got = ws.expect_close(timeout=TIMEOUT)
+    assert code == 1008
+    assert time.time() >= expires - 0.05
+    assert [m["error"] for m in got if m.get("type") == "error"] == ["unauthorized"]
+
+
+def raw_handshake(ws_url, origin):
+    parts = urlsplit(ws_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /ws?events=leaderboard HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+                      f"Origin: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += sock.recv(4096)
+        return status, body
+
+
+def test_cross_origin_handshake_is_refused_403_before_any_upgrade(inproc):
+    srv = inproc(allowed_origins={"https://casino.example"})
+    port = urlsplit(srv.ws_url).port
+    for origin in ("https://evil.example", "null", f"http://localhost:{port}"):
+        status, body = raw_handshake(srv.ws_url, origin)
+        assert status == 403, origin
+        assert json.loads(body)["error"] == "forbidden"
+    for origin in (f"http://127.0.0.1:{port}", "https://casino.example"):
+        status, _ = raw_handshake(srv.ws_url, origin)
+        assert status == 101, origin
+    assert srv.registry.count() == 0 or wait_for(lambda: srv.registry.count() == 0, message="handshakes ended")
+
+
+def test_history_reset_closes_subscribers_with_1011_and_they_recover_after(inproc, connect):
+    srv = inproc()
+    ws = connect(f"{srv.ws_url}?events=balance&user_id=r1")
+    hello = ws.expect("subscribed")
+    srv.store.deposit("r1", 5)
+    ws.until(lambda m: m["type"] == "balance", what="the deposit")
+    srv.hub.reset("epoch-after-loss", srv.hub.seq)
+    code, _ = ws.expect_close()
+    assert code == 1011
+    again = connect(f"{srv.ws_url}?events=balance&user_id=r1&since=1&epoch={hello['epoch']}")
+    assert again.expect("subscribed", recovered=False)["epoch"] == "epoch-after-loss"
+
+
+def test_close_all_sends_1001_to_every_connection_and_count_drops(inproc):
+    srv = inproc()
+    clients = [WS(f"{srv.ws_url}?events=game_outcomes") for _ in range(20)]
+    for c in clients:
+        c.expect("subscribed")
+    assert srv.registry.count() == 20
+    assert srv.registry.close_all(1001) == 20
+    for c in clients:
+        assert c.expect_close()[0] == 1001
+    wait_for(lambda: srv.registry.count() == 0, message="every connection gone")
+    late = WS(f"{srv.ws_url}?events=game_outcomes")  # accepted while shutting down: closed at once
+    assert late.expect_close()[0] == 1001
