@@ -475,3 +475,22 @@ def test_reader_drives_the_real_event_hub(stores, redis_server, prefix, readers)
         wait_for(lambda: hub.seq == 5, message="four more events")
     finally:
         hub.stop()
+
+
+def test_reader_stops_at_once_while_waiting_in_xread(redis_server, prefix, readers):  # noqa: F811
+    reader = readers(redis_server.url, prefix, FakeHub(), block_ms=5000)
+    time.sleep(0.2)  # not synchronisation: just let it enter its 5 s XREAD before stopping it
+    started = time.monotonic()
+    reader.stop()
+    assert time.monotonic() - started < 1.0
+
+
+def test_reader_stops_at_once_when_redis_hangs(own_redis_server, readers):  # noqa: F811
+    reader = readers(own_redis_server.url, "w:", FakeHub())
+    os.kill(own_redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        reader.stop()
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(own_redis_server.proc.pid, signal.SIGCONT)
