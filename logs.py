@@ -5,10 +5,48 @@ import json
 import logging
 import logging.handlers
 import queue
+import re
 import sys
 import time
 
 request_id = contextvars.ContextVar("request_id", default=None)
+
+# Query parameters whose values are credentials (the WebSocket `token`): never written to a log.
+_SECRET_PARAMS = re.compile(r"(?i)(^|&)((?:access_)?token=)[^&]*")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """Client text made safe for one log line: every control or non-printable character escaped.
+
+    CR, LF, ESC, NUL, other C0/C1 controls, Unicode line separators and lone surrogates become
+    `\\r`, `\\n`, `\\x1b`, `\\u2028`...; a backslash is doubled so an escape written by a client reads
+    differently from one written here. This is the one rule for HTTP, WebSocket and gRPC log lines.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text  # the common case costs one scan
+    return "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else _escape_char(ch)) for ch in text)
+
+
+def printable_query(query: str) -> str:
+    """A query string for a log line: escaped, with credential values (`token=`) replaced by `***`."""
+    return printable(_SECRET_PARAMS.sub(r"\1\2***", query))
+
+
+def _one_line(text: str) -> str:
+    # Last guard for text that did not come through printable(): library messages, tracebacks.
+    # Backslashes are left alone so text already escaped by printable() is not escaped twice.
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else (_ESCAPES.get(ch) or _escape_char(ch)) for ch in text)
+
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
@@ -29,7 +67,7 @@ class _TextFormatter(logging.Formatter):
         line = super().format(record)
         if record.request_id:
             line += f" rid={record.request_id}"
-        return line
+        return _one_line(line)  # one record, one line: a traceback is folded, not split
 
 
 class _JsonFormatter(logging.Formatter):
@@ -48,7 +86,7 @@ class _JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return json.dumps(out, default=str)  # JSON escapes every control character: always one line
 
 
 _listener = None

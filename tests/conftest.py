@@ -1,4 +1,11 @@
-"""Fixtures that run the real `python app.py` on free ports and talk to it over sockets."""
+"""Test fixtures in two tiers.
+
+- In-process (`app`, `client`, `store`, `hub`): the Flask app over a fresh MemoryStore and a started
+  EventHub, driven through Flask's test client, as in Flask's tutorial. Fast: validation, error shapes,
+  idempotency, authorization and everything else that needs no socket.
+- Process (`server`, `start_server`): the real `python app.py` on free ports, talked to over sockets:
+  framing, keep-alive, WebSocket delivery, shutdown, flags.
+"""
 
 import os
 import re
@@ -11,6 +18,11 @@ from pathlib import Path
 
 import pytest
 import requests
+
+import events
+from app import create_app
+from events import EventHub
+from wallet_store import MemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTEN = re.compile(r"listening on http://[^:]+:(\d+)|gRPC listening on \S+:(\d+)")
@@ -96,6 +108,35 @@ def start_server(tmp_path):
     yield start
     for srv in started:
         srv.stop()
+
+
+def event_sink(hub: EventHub):
+    """The in-process EventSink of a hub: events.MemoryEventLog (numbers events) where it exists."""
+    log_class = getattr(events, "MemoryEventLog", None)
+    return log_class(hub) if log_class is not None else hub
+
+
+@pytest.fixture
+def hub():
+    hub = EventHub().start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def store(hub):
+    return MemoryStore(event_sink(hub))
+
+
+@pytest.fixture
+def app(store, hub):
+    """The app with authentication left out and no allowed cross-origin pages."""
+    return create_app(store, hub)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
 
 
 @pytest.fixture

@@ -4,10 +4,12 @@
   validator, plus the JSON Schema 2020-12 meta-schema for every embedded schema), and documents every
   Flask route except the WebSocket `/ws`; every documented operation is a real route.
 - Schemathesis generates valid and invalid requests for every operation from the document and sends them
-  to the real `python app.py`: every answer must match the document (status documented, JSON content
-  type, body schema, headers), invalid input must be refused with a 4xx, valid input accepted, never a 500.
-- Hand-made requests reach the statuses random generation rarely hits (409s, 413, 422, replays) and
-  validate those answers against the document too.
+  to the app in-process (WSGI), with authentication on and an operator key: every answer must match the
+  document (status documented, JSON content type, body schema, headers), invalid input must be refused
+  with a 4xx, valid input accepted, never a 500; requests without the key must get the documented 401.
+- Hand-made requests reach the statuses random generation rarely hits (401, 403, 409s, 413, 422, replays)
+  and validate those answers against the document too.
+- The real `python app.py` serves the file, and answers odd paths with documented JSON errors.
 """
 
 import copy
@@ -23,6 +25,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from app import create_app
+from auth import Auth
+from conftest import event_sink
 from events import EventHub
 from validation import ValidationError, validate_user_id
 from wallet_store import MemoryStore
@@ -32,6 +36,9 @@ RAW = (ROOT / "openapi.json").read_bytes()
 DOC = json.loads(RAW)
 INT64_MAX = 2**63 - 1
 TIMEOUT = 10
+OPERATOR_KEY = "operator-key-for-the-openapi-tests-0123456789"
+PLAYER_TOKEN_SECRET = "player-token-secret-for-the-openapi-tests-0123"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 
 # Valid requests may also meet 409 (not enough money, balance limit) and 422 (an Idempotency-Key that an
 # earlier generated request already used with another body): both are the contract, not a refusal of valid data.
@@ -150,9 +157,15 @@ def test_amount_schemas_follow_the_contract():
         assert not amount.is_valid(bad) and not stake.is_valid(bad)
 
 
-def _flask_app():
-    hub = EventHub()
-    return create_app(MemoryStore(hub), hub)
+def _flask_app(auth=None):
+    hub = EventHub()  # never started: these tests only route, or send requests that publish into its queue
+    return create_app(MemoryStore(event_sink(hub)), hub, auth)
+
+
+@pytest.fixture(scope="module")
+def secured():
+    """The app with authentication on: an operator key and player tokens."""
+    return _flask_app(Auth([OPERATOR_KEY], PLAYER_TOKEN_SECRET))
 
 
 def _openapi_path(rule):
@@ -161,7 +174,7 @@ def _openapi_path(rule):
 
 def test_every_route_is_documented():
     app = _flask_app()
-    rules = [rule for rule in app.url_map.iter_rules() if rule.rule != "/ws"]
+    rules = [rule for rule in app.url_map.iter_rules() if not rule.endpoint.startswith("websocket")]
     documented = {(path, method.upper()) for path, item in DOC["paths"].items() for method in item}
     for rule in rules:
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
@@ -183,7 +196,7 @@ def test_every_documented_operation_is_a_route():
         concrete = re.sub(r"\{([^}]+)\}", lambda m: samples[m.group(1)], path)
         for method in item:
             endpoint, _ = adapter.match(concrete, method=method.upper())
-            assert endpoint != "websocket", path
+            assert not endpoint.startswith("websocket"), path
 
 
 def test_contract_routes_are_all_there():
@@ -191,21 +204,15 @@ def test_contract_routes_are_all_there():
         ("/api/wallet/deposit", "post"), ("/api/wallet/withdraw", "post"),
         ("/api/wallet/balance/{user_id}", "get"), ("/api/wallet/transactions/{user_id}", "get"),
         ("/api/games/outcomes", "post"), ("/api/leaderboard", "get"), ("/healthz", "get"),
-        ("/openapi.json", "get"),
+        ("/openapi.json", "get"), ("/api/auth/player-tokens", "post"),
     }
     assert expected <= {(path, method) for path, item in DOC["paths"].items() for method in item}
 
 
-# -- the live server against the document (schemathesis) ----------------------------------------------
+# -- the app against the document (schemathesis, in-process) -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def session():
-    with requests.Session() as s:
-        yield s
-
-
-BODY_INTEGERS = ("user_id", "amount", "bet", "payout")
+BODY_INTEGERS = ("user_id", "amount", "bet", "payout", "ttl_seconds")
 
 
 def _integers_spelled_as_integers(case):
@@ -213,7 +220,7 @@ def _integers_spelled_as_integers(case):
 
     JSON Schema counts `563.0` as an integer and schemathesis sends such spellings on purpose; the contract
     refuses them ("a float such as 1.0 ... is invalid"), which no JSON Schema can say. Same value, same
-    validity under the schema: only the spelling changes (test_http covers the refusal itself).
+    validity under the schema: only the spelling changes (test_app covers the refusal itself).
     """
     if isinstance(case.body, dict):
         for name in BODY_INTEGERS:
@@ -225,18 +232,18 @@ def _integers_spelled_as_integers(case):
 @schema.parametrize()
 @settings(max_examples=30, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
-def test_server_conforms_to_document(case, server, session):
+def test_app_conforms_to_document(case, secured):
     _integers_spelled_as_integers(case)
-    case.call_and_validate(base_url=server.url, session=session, timeout=TIMEOUT)
+    case.call_and_validate(app=secured, headers=OPERATOR)
 
 
 # -- statuses that random generation seldom reaches ----------------------------------------------------
 
 
-def _call(server, path, method, *, headers=None, path_parameters=None, query=None, **body):
+def _call(app, path, method, *, headers=None, path_parameters=None, query=None, **body):
     """Send one hand-made request of a documented operation and validate the answer against the document."""
     case = schema[path][method].Case(headers=headers, path_parameters=path_parameters, query=query, **body)
-    return case.call_and_validate(base_url=server.url, timeout=TIMEOUT)
+    return case.call_and_validate(app=app)
 
 
 def _header(response, name):
@@ -248,36 +255,38 @@ def _uid():
     return "u" + uuid.uuid4().hex[:16]
 
 
-def test_documented_conflicts_and_replays(server):
+def test_documented_conflicts_and_replays(secured):
     user, key = _uid(), "k-" + uuid.uuid4().hex
-    r = _call(server, "/api/wallet/withdraw", "POST", body={"user_id": user, "amount": 5})
+    r = _call(secured, "/api/wallet/withdraw", "POST", body={"user_id": user, "amount": 5}, headers=OPERATOR)
     assert (r.status_code, r.json()) == (409, {"error": "insufficient_funds", "message": "not enough money",
                                                "balance": 0})
-    r = _call(server, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": INT64_MAX},
-              headers={"Idempotency-Key": key})
+    r = _call(secured, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": INT64_MAX},
+              headers={"Idempotency-Key": key, **OPERATOR})
     assert r.status_code == 200 and _header(r, "Idempotent-Replayed") is None
-    r = _call(server, "/api/wallet/deposit", "POST", body={"amount": INT64_MAX, "user_id": user},
-              headers={"Idempotency-Key": key})
+    r = _call(secured, "/api/wallet/deposit", "POST", body={"amount": INT64_MAX, "user_id": user},
+              headers={"Idempotency-Key": key, **OPERATOR})
     assert r.status_code == 200 and _header(r, "Idempotent-Replayed") == "true"
-    r = _call(server, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": 1})
+    r = _call(secured, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": 1}, headers=OPERATOR)
     assert r.status_code == 409 and r.json()["error"] == "balance_limit_exceeded"
-    r = _call(server, "/api/games/outcomes", "POST", body={"user_id": user, "game": "g", "bet": 0, "payout": 1})
+    r = _call(secured, "/api/games/outcomes", "POST", body={"user_id": user, "game": "g", "bet": 0, "payout": 1},
+              headers=OPERATOR)
     assert r.status_code == 409 and r.json()["error"] == "balance_limit_exceeded"
-    r = _call(server, "/api/games/outcomes", "POST", body={"user_id": user, "game": "g", "bet": INT64_MAX,
-                                                           "payout": 0})
+    r = _call(secured, "/api/games/outcomes", "POST", body={"user_id": user, "game": "g", "bet": INT64_MAX,
+                                                            "payout": 0}, headers=OPERATOR)
     assert r.status_code == 200 and r.json()["net"] == -INT64_MAX
-    r = _call(server, "/api/games/outcomes", "POST", body={"user_id": user, "game": "g", "bet": 1, "payout": 0})
+    r = _call(secured, "/api/games/outcomes", "POST", body={"user_id": user, "game": "g", "bet": 1, "payout": 0},
+              headers=OPERATOR)
     assert r.status_code == 409 and r.json()["error"] == "insufficient_funds"
-    r = _call(server, "/api/wallet/withdraw", "POST", body={"user_id": user, "amount": 1},
-              headers={"Idempotency-Key": key})
+    r = _call(secured, "/api/wallet/withdraw", "POST", body={"user_id": user, "amount": 1},
+              headers={"Idempotency-Key": key, **OPERATOR})
     assert r.status_code == 422 and r.json()["error"] == "idempotency_key_reused"
-    r = _call(server, "/api/wallet/transactions/{user_id}", "GET", path_parameters={"user_id": user},
-              query={"limit": 1000})
+    r = _call(secured, "/api/wallet/transactions/{user_id}", "GET", path_parameters={"user_id": user},
+              query={"limit": 1000}, headers=OPERATOR)
     assert [t["type"] for t in r.json()["transactions"]] == ["bet", "deposit"]
-    _call(server, "/api/leaderboard", "GET")
+    _call(secured, "/api/leaderboard", "GET", headers=OPERATOR)
 
 
-def test_documented_bad_requests(server):
+def test_documented_bad_requests(secured):
     user = _uid()
     for path, body in [
         ("/api/wallet/deposit", {"user_id": user, "amount": 1.0}),
@@ -285,23 +294,48 @@ def test_documented_bad_requests(server):
         ("/api/wallet/withdraw", {"user_id": "", "amount": 1}),
         ("/api/games/outcomes", {"user_id": user, "game": "no spaces", "bet": 0, "payout": 0}),
         ("/api/games/outcomes", [1, 2]),
+        ("/api/auth/player-tokens", {"user_id": user, "ttl_seconds": 0}),
     ]:
-        r = _call(server, path, "POST", body=body)
+        r = _call(secured, path, "POST", body=body, headers=OPERATOR)
         assert r.status_code == 400, (path, body, r.text)
-    r = _call(server, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": 1},
-              headers={"Idempotency-Key": "x" * 256})
+    r = _call(secured, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": 1},
+              headers={"Idempotency-Key": "x" * 256, **OPERATOR})
     assert r.status_code == 400
-    r = _call(server, "/api/wallet/transactions/{user_id}", "GET", path_parameters={"user_id": user},
-              query={"limit": 0})
+    r = _call(secured, "/api/wallet/transactions/{user_id}", "GET", path_parameters={"user_id": user},
+              query={"limit": 0}, headers=OPERATOR)
     assert r.status_code == 400
-    r = _call(server, "/api/wallet/balance/{user_id}", "GET", path_parameters={"user_id": "x" * 65})
+    r = _call(secured, "/api/wallet/balance/{user_id}", "GET", path_parameters={"user_id": "x" * 65},
+              headers=OPERATOR)
     assert r.status_code == 400
 
 
-def test_documented_payload_too_large(server):
+def test_documented_payload_too_large(secured):
     body = {"user_id": _uid(), "amount": 1, "padding": "x" * (64 * 1024)}
-    r = _call(server, "/api/wallet/deposit", "POST", body=body)
+    r = _call(secured, "/api/wallet/deposit", "POST", body=body, headers=OPERATOR)
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+
+
+def test_documented_authentication_refusals(secured):
+    user = _uid()
+    for headers in (None, {"Authorization": "Bearer not-a-key"}, {"Authorization": "Basic eDp5"}):
+        r = _call(secured, "/api/wallet/balance/{user_id}", "GET", path_parameters={"user_id": user},
+                  headers=headers)
+        assert r.status_code == 401 and _header(r, "WWW-Authenticate") == "Bearer"
+    r = _call(secured, "/api/auth/player-tokens", "POST", body={"user_id": user, "ttl_seconds": 60},
+              headers=OPERATOR)
+    assert r.status_code == 200 and r.json()["user_id"] == user
+    player = {"Authorization": f"Bearer {r.json()['token']}"}
+    r = _call(secured, "/api/wallet/balance/{user_id}", "GET", path_parameters={"user_id": user}, headers=player)
+    assert r.status_code == 200
+    r = _call(secured, "/api/wallet/balance/{user_id}", "GET", path_parameters={"user_id": "other"}, headers=player)
+    assert r.status_code == 403
+    r = _call(secured, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": 1}, headers=player)
+    assert r.status_code == 403
+    r = _call(secured, "/api/wallet/deposit", "POST", body={"user_id": user, "amount": 1},
+              headers={"Origin": "https://elsewhere.example", **OPERATOR})
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    r = _call(_flask_app(Auth()), "/api/auth/player-tokens", "POST", body={"user_id": user})
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
 
 
 # CONTRACT.md section 3: "Every response body is JSON with Content-Type: application/json, errors and unknown

@@ -15,10 +15,13 @@ import simple_websocket
 
 from conftest import ROOT, wait_for
 
+_SETTINGS_VARIABLES = ("HOST", "HTTP_PORT", "GRPC_PORT", "LOG_LEVEL", "LOG_FORMAT", "MAX_CONNECTIONS",
+                       "ALLOWED_ORIGINS", "REDIS_URL", "REDIS_PREFIX", "API_KEYS", "PLAYER_TOKEN_SECRET")
+
 
 def run_app(*args, env=None, timeout=15):
     """Run app.py expecting it to exit by itself (bad settings): returns (code, stdout, stderr)."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("HOST", "HTTP_PORT", "GRPC_PORT", "LOG_LEVEL")}
+    full_env = {k: v for k, v in os.environ.items() if k not in _SETTINGS_VARIABLES}
     proc = subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=ROOT, env={**full_env, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
@@ -27,22 +30,19 @@ def run_app(*args, env=None, timeout=15):
 def test_help_lists_every_flag_and_variable():
     code, out, _ = run_app("--help")
     assert code == 0
-    for name in ("--host", "--http-port", "--grpc-port", "--log-level", "--log-format",
-                 "HOST", "HTTP_PORT", "GRPC_PORT", "LOG_LEVEL", "LOG_FORMAT"):
+    for name in ("--host", "--http-port", "--grpc-port", "--log-level", "--log-format", "--max-connections",
+                 "--allowed-origins", "--redis-url", "--redis-prefix", *_SETTINGS_VARIABLES):
         assert name in out
 
 
+# Every flag and variable is checked in-process (test_app.py); these run the real process end to end.
 @pytest.mark.parametrize("args, env, names", [
     (["--http-port", "abc"], {}, "--http-port"),
-    (["--http-port", "70000"], {}, "--http-port"),
-    (["--grpc-port", "-1"], {}, "--grpc-port"),
-    (["--log-level", "LOUD"], {}, "--log-level"),
-    (["--log-format", "xml"], {}, "--log-format"),
-    ([], {"HTTP_PORT": "eighty"}, "HTTP_PORT"),
-    ([], {"GRPC_PORT": "99999"}, "GRPC_PORT"),
-    ([], {"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+    ([], {"MAX_CONNECTIONS": "0"}, "MAX_CONNECTIONS"),
     (["--no-such-flag"], {}, "--no-such-flag"),
     (["--host", "not a host!"], {}, "not a host!"),
+    ([], {"API_KEYS": "short"}, "API_KEYS"),
+    ([], {"API_KEYS": "k" * 40, "PLAYER_TOKEN_SECRET": "short"}, "PLAYER_TOKEN_SECRET"),
 ])
 def test_bad_setting_exits_with_a_short_clear_message(args, env, names):
     code, _, err = run_app(*args, env=env)
@@ -50,6 +50,24 @@ def test_bad_setting_exits_with_a_short_clear_message(args, env, names):
     assert names in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) <= 2, err
+
+
+def test_bad_api_keys_exit_2_without_showing_a_key():
+    code, out, err = run_app(env={"API_KEYS": "a-valid-operator-key-0123456789abcdef,has space but long enough 123"})
+    assert code == 2 and "API_KEYS" in err
+    assert "valid-operator-key" not in err + out and "has space" not in err + out
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_unreachable_redis_exits_1_naming_host_and_port_not_the_password():
+    sock, port = _taken_port()  # listening but never answering: a connect that cannot complete a PING
+    sock.close()  # now nothing listens there: connection refused
+    code, out, err = run_app("--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
+                             env={"REDIS_URL": f"redis://:hunter2-secret@127.0.0.1:{port}/0"})
+    assert code == 1, (out, err)
+    assert f"127.0.0.1:{port}" in err and "hunter2" not in err + out
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def _taken_port():
@@ -81,11 +99,29 @@ def test_flag_beats_variable_and_ports_come_from_the_environment(start_server):
     assert requests.get(srv2.url + "/healthz", timeout=5).status_code == 200
 
 
-def test_start_up_logs_one_line_per_listener(start_server):
+def test_start_up_logs_one_line_per_listener_and_warns_that_auth_is_off(start_server):
     srv = start_server()
     log = srv.log()
     assert f"127.0.0.1:{srv.http_port}" in log and f"127.0.0.1:{srv.grpc_port}" in log
     assert sum("listening on" in line for line in log.splitlines()) == 2
+    assert any("WARNING" in line and "authentication is OFF" in line for line in log.splitlines()), log
+
+
+def test_authentication_and_allowed_origins_from_the_environment(start_server):
+    key = "operator-key-for-the-process-test-0123456789"
+    srv = start_server(env={"API_KEYS": key, "ALLOWED_ORIGINS": "https://casino.example"})
+    assert "authentication is OFF" not in srv.log()
+    body = {"user_id": "proc-auth", "amount": 5}
+    r = requests.post(srv.url + "/api/wallet/deposit", json=body, timeout=5)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    auth = {"Authorization": f"Bearer {key}"}
+    r = requests.post(srv.url + "/api/wallet/deposit", json=body, headers={**auth, "Origin": "https://evil.example"},
+                      timeout=5)
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    r = requests.post(srv.url + "/api/wallet/deposit", json=body,
+                      headers={**auth, "Origin": "https://casino.example"}, timeout=5)
+    assert r.status_code == 200 and r.json()["balance"] == 5
+    assert key not in srv.log()
 
 
 def test_json_logs_parse_and_carry_the_request_id(start_server):
