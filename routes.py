@@ -35,8 +35,6 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPENAPI_PATH = os.path.join(HERE, "openapi.json")
 DASHBOARD_PATH = os.path.join(HERE, "static", "dashboard.html")
-# Set by the upgrade hand-off: the socket is a WebSocket now, and ws.py logs it, not this module.
-_UPGRADED_KEYS = tuple({getattr(http_server, "UPGRADED", "wallet.websocket"), "wallet.websocket"})
 
 bp = Blueprint("wallet", __name__)
 
@@ -82,7 +80,8 @@ def _start() -> None:
 @bp.after_app_request
 def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id", "")
-    if not any(request.environ.get(key) for key in _UPGRADED_KEYS):
+    # An upgraded request is a WebSocket connection now: ws.py logs its life, not this HTTP line.
+    if not request.environ.get(http_server.UPGRADED):
         elapsed = round((time.perf_counter() - g.get("start", time.perf_counter())) * 1000, 2)
         method, target = logs.printable(request.method), logs.printable(request.path)
         query = request.query_string.decode("latin-1")

@@ -21,12 +21,12 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_user_id(value, field="user_id", allow_int=True):
-    """Return the canonical (string) user id or raise ValidationError.
+def validate_user_id(value: object, field: str = "user_id", allow_int: bool = True) -> str:
+    """Return the canonical (string) user id or raise ValidationError naming `field`.
 
-    JSON bodies may give a positive integer, meaning its decimal string;
-    path segments, query values and gRPC fields are always strings
-    (allow_int=False there changes nothing for them).
+    A positive integer (as JSON bodies may give) means its decimal string. Path segments, query values
+    and gRPC fields are strings already, so no caller needs `allow_int=False`; the parameter stays only
+    until grpc_server stops passing it.
     """
     if allow_int and _is_int(value):
         if value < 1:
@@ -39,13 +39,13 @@ def validate_user_id(value, field="user_id", allow_int=True):
     return value
 
 
-def validate_game(value, field="game"):
+def validate_game(value: object, field: str = "game") -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValidationError(f"{field} must be a string of 1 to 64 characters from A-Z a-z 0-9 _ -")
     return value
 
 
-def validate_amount(value, field="amount", minimum=1):
+def validate_amount(value: object, field: str = "amount", minimum: int = 1) -> int:
     """Return an integer amount in cents within [minimum, 2**63-1] or raise."""
     if not _is_int(value):
         raise ValidationError(f"{field} must be an integer number of cents")
@@ -56,7 +56,7 @@ def validate_amount(value, field="amount", minimum=1):
     return value
 
 
-def validate_limit(raw, field="limit", default=50, maximum=1000):
+def validate_limit(raw: str | None, field: str = "limit", default: int = 50, maximum: int = 1000) -> int:
     """Parse a query-string limit (a decimal string) within 1..maximum."""
     if raw is None:
         return default
@@ -77,7 +77,7 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(data):
+def parse_json(data: str | bytes) -> object:
     """Parse a client's JSON text (str, or bytes as strict UTF-8); ValueError or RecursionError if it is not JSON.
 
     NaN and Infinity are refused; integer literals too long to convert parse as an out-of-range value.
