@@ -54,7 +54,9 @@ CONNECT_TIMEOUT = 1.0
 SOCKET_TIMEOUT = 1.5
 BOARD_SIZE = 10
 HISTORY = 10_000  # events kept in the stream (MAXLEN ~ keeps at least this many) and preloaded by readers
-_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError, OSError)
+# A full Redis (OOM under noeviction) or a read-only replica cannot apply writes either: 503, not 500.
+_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
+         redis.exceptions.OutOfMemoryError, OSError)
 _NINES = str.maketrans("0123456789", "9876543210")
 
 _SCRIPT = r"""
@@ -99,7 +101,7 @@ end
 local function overflowed(reply)
   if type(reply) == 'table' and reply.err then
     if string.find(reply.err, 'overflow', 1, true) then return true end
-    error(reply.err)
+    error(reply)  -- the error table keeps its code (OOM, READONLY...) for the client
   end
   return false
 end
@@ -300,12 +302,16 @@ class RedisStore:
     def _call(self, fn: Callable, *args: Any) -> Any:
         try:
             return fn(*args)
-        except _DOWN as exc:
+        except (*_DOWN, redis.ResponseError) as exc:
+            # A write refused inside a script (OOM, READONLY) arrives as a plain ResponseError with its text.
+            text = str(exc)
+            if not isinstance(exc, _DOWN) and "OOM command not allowed" not in text and "READONLY" not in text:
+                raise
             # Every request fails while Redis is gone: one line every few seconds says so.
             now = time.monotonic()
             if now - self._warned_at > 5.0:
                 self._warned_at = now
-                log.warning("Redis unreachable (%s): answering 503", type(exc).__name__)
+                log.warning("Redis cannot serve requests (%s): answering 503", type(exc).__name__)
             raise StoreUnavailable(UNREACHABLE) from None
 
     # -- reads ---------------------------------------------------------------
@@ -422,15 +428,19 @@ class RedisEventReader:
     def stop(self, timeout: float = 2.0) -> None:
         """Stop tailing; prompt even while the thread waits in XREAD (shutdown has a 5 s budget)."""
         self._stop.set()
-        client = self._client
-        if client is not None:
-            try:
-                # Shuts the sockets down, which wakes a blocked XREAD at once.
-                client.connection_pool.disconnect()
-            except Exception:  # a dying connection must not stop the shutdown
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            client = self._client
+            if client is not None:
+                try:
+                    # Shuts the sockets down, which wakes a blocked XREAD at once. Repeated: the thread
+                    # may have been opening a new connection (to a hung Redis) when the first one went.
+                    client.connection_pool.disconnect()
+                except Exception:  # a dying connection must not stop the shutdown
+                    pass
+            if self._thread is None or not self._thread.is_alive() or time.monotonic() > deadline:
+                return
+            self._thread.join(0.05)
 
     def _snapshot(self, client: redis.Redis) -> tuple[str, list[tuple], int, dict]:
         """The epoch, the newest retained events (oldest first), the last seq and the board, read atomically."""

@@ -494,3 +494,21 @@ def test_reader_stops_at_once_when_redis_hangs(own_redis_server, readers):  # no
         assert time.monotonic() - started < 1.0
     finally:
         os.kill(own_redis_server.proc.pid, signal.SIGCONT)
+
+
+def test_full_redis_refuses_writes_as_unavailable_and_changes_nothing(own_redis_server):  # noqa: F811
+    store = RedisStore(redis_store.connect(own_redis_server.url), "w:")
+    store.deposit("alice", 5)
+    admin = own_redis_server.client()
+    admin.config_set("maxmemory", "1")  # under noeviction every write is now refused with OOM
+    try:
+        for call in (lambda: store.deposit("alice", 1), lambda: store.settle("alice", "g", 1, 2),
+                     lambda: store.withdraw("alice", 1, idem=Idempotency("k", b"fp"))):
+            with pytest.raises(StoreUnavailable):
+                call()
+        assert store.balance("alice") == 5  # reads still work
+    finally:
+        admin.config_set("maxmemory", "0")
+    assert [t["type"] for t in store.transactions("alice")] == ["deposit"]
+    assert store.deposit("alice", 1).body["balance"] == 6
+    store.close()
