@@ -1204,3 +1204,45 @@ def test_close_all_sends_1001_to_every_connection_and_count_drops(inproc):
     wait_for(lambda: srv.registry.count() == 0, message="every connection gone")
     late = WS(f"{srv.ws_url}?events=game_outcomes")  # accepted while shutting down: closed at once
     assert late.expect_close()[0] == 1001
+
+
+@pytest.mark.heavy
+def test_sigterm_with_ping_flooding_non_readers_exits_within_5_seconds(start_server):
+    """Clients that flood pings and never read (their pongs back up) neither delay nor stop the shutdown."""
+    srv = start_server()
+    flooders = [RawWebSocket(srv.ws_url + "?events=game_outcomes", rcvbuf=4096) for _ in range(40)]
+    reader = RawWebSocket(srv.ws_url + "?events=game_outcomes")
+    assert json.loads(reader.frame()[1])["type"] == "subscribed"
+    ping = bytes([0x89, 0x80]) + b"\0\0\0\0"  # masked, empty
+    stop = threading.Event()
+
+    def flood():
+        for f in flooders:
+            f.sock.setblocking(False)
+        while not stop.is_set():
+            for f in flooders:
+                try:
+                    f.sock.send(ping * 512)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        # The server is busy answering pings now; shut it down in the middle of it.
+        wait_for(lambda: "ws 127.0.0.1" in srv.log(), message="connections logged")
+        started = time.monotonic()
+        code = srv.stop(timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for f in flooders:
+            f.close()
+    assert code == 0 and elapsed < 5, f"exit {code} after {elapsed:.1f}s"
+    opcode, payload = reader.frame()  # read after the process has gone: the close frame is there
+    while opcode == 9:  # the nudge ping after `subscribed`
+        opcode, payload = reader.frame()
+    assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1001
+    reader.close()
+    print(f"\nSIGTERM with 40 ping-flooding non-readers: exit in {elapsed:.2f}s")
