@@ -132,3 +132,14 @@ def test_tie_with_the_tenth_decided_by_user_id():
     assert board_of(board)[-1] == ("a", 100)
     # "zz" ties on 100 but sorts after "a", so nothing visible changes.
     assert board.record("zz", 100) is False
+
+
+def test_ranks_exactly_at_the_64_bit_edges():
+    # Python ints are exact: 2^63-1 ranks above 2^63-2 (double scores would tie them and fall back to the id).
+    board = Leaderboard()
+    board.record("a", 2**63 - 2)
+    board.record("b", 2**63 - 1)
+    board.record("c", -(2**63))
+    board.record("d", -(2**63) + 1)
+    assert board_of(board) == [("b", 2**63 - 1), ("a", 2**63 - 2), ("d", -(2**63) + 1), ("c", -(2**63))]
+    assert board.net("b") == 2**63 - 1
