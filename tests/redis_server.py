@@ -102,6 +102,15 @@ def unique_prefix() -> str:
     return f"t{uuid.uuid4().hex[:12]}:"
 
 
+def service_args(server: RedisServer, prefix: str | None = None) -> tuple[str, ...]:
+    """Flags that put a `python app.py` on this Redis, under a key prefix of its own unless given one.
+
+    For a fixture parametrized over both stores, e.g. in conftest:
+    `args = () if request.param == "memory" else service_args(request.getfixturevalue("redis_server"))`.
+    """
+    return ("--redis-url", server.url, "--redis-prefix", prefix or unique_prefix())
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """One redis-server shared by the session; tests stay independent through unique key prefixes."""

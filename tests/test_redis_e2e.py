@@ -20,12 +20,8 @@ import simple_websocket
 import wallet_pb2
 import wallet_pb2_grpc
 from conftest import ROOT, Server, wait_for
-from redis_server import RedisServer, free_port, own_redis_server, redis_server, unique_prefix  # noqa: F401
+from redis_server import free_port, own_redis_server, redis_server, service_args, unique_prefix  # noqa: F401
 from validation import INT64_MAX
-
-
-def redis_args(url, prefix):
-    return ("--redis-url", url, "--redis-prefix", prefix)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def pair(redis_server, tmp_path_factory):  # noqa: F811
     """Two processes sharing one Redis and one key prefix."""
     prefix = unique_prefix()
     log_dir = tmp_path_factory.mktemp("pair")
-    servers = [Server(log_dir, redis_args(redis_server.url, prefix)) for _ in range(2)]
+    servers = [Server(log_dir, service_args(redis_server, prefix)) for _ in range(2)]
     yield servers
     for srv in servers:
         code = srv.stop()
@@ -189,13 +185,13 @@ def test_both_processes_name_the_same_epoch(pair, uid):
 
 def test_sigkilled_process_loses_nothing_it_answered(redis_server, tmp_path, uid):  # noqa: F811
     prefix = unique_prefix()
-    srv = Server(tmp_path, redis_args(redis_server.url, prefix))
+    srv = Server(tmp_path, service_args(redis_server, prefix))
     answered = [deposit(srv, f"{uid}-{i}", i + 1).json()["balance"] for i in range(20)]
     ws = WS(srv)
     epoch = ws.subscribe(["balance"], f"{uid}-0")["epoch"]
     ws.close()
     srv.stop(signal.SIGKILL)
-    again = Server(tmp_path, redis_args(redis_server.url, prefix))
+    again = Server(tmp_path, service_args(redis_server, prefix))
     try:
         assert [balance(again, f"{uid}-{i}") for i in range(20)] == answered
         # The event history survives too: the same epoch, and a client can resume from any seq.
@@ -212,7 +208,7 @@ def test_sigkilled_process_loses_nothing_it_answered(redis_server, tmp_path, uid
 
 
 def test_redis_stopped_gives_503_then_everything_resumes(own_redis_server, tmp_path, uid):  # noqa: F811
-    srv = Server(tmp_path, redis_args(own_redis_server.url, "w:"))
+    srv = Server(tmp_path, service_args(own_redis_server, "w:"))
     try:
         deposit(srv, uid, 5)
         ws = WS(srv)
