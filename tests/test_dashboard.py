@@ -354,7 +354,10 @@ def test_page_reconnects_after_server_restart(browser, start_server, uid):
     # A later --http-port wins over the fixture's `--http-port 0`: the same address comes back.
     restarted = start_server("--http-port", str(port))
     assert restarted.http_port == port
-    browser.wait_live(timeout=15)  # backoff is capped at 5 s
+    # A new process is a new epoch: the page cannot recover and says it re-read everything.
+    wait_for(lambda: browser.text("#conn-state") == "Live · re-synced", timeout=15, interval=0.05,
+             message="re-synced after the restart")  # backoff is capped at 5 s
+    browser.wait_live()
     # The new process has an empty store: the reload after reconnecting shows it.
     wait_for(lambda: browser.balance_cents() == "0" and browser.board() == [], timeout=TIMEOUT,
              message="balance and board reloaded from the restarted server")
@@ -371,4 +374,52 @@ def test_page_reconnects_after_server_restart(browser, start_server, uid):
     # errors); the page's own code must not have thrown or logged anything.
     own = [e for e in browser.errors
            if not e.startswith("log (network)") and "WebSocket connection to" not in e]
+    assert own == []
+
+
+def drop_websockets(browser):
+    """Close every WebSocket of the page from outside its code (DevTools' queryObjects)."""
+    proto = browser.call("Runtime.evaluate", expression="WebSocket.prototype")["result"]["objectId"]
+    found = browser.call("Runtime.queryObjects", prototypeObjectId=proto)["objects"]["objectId"]
+    browser.call("Runtime.callFunctionOn", objectId=found, returnByValue=True,
+                 functionDeclaration="function () { this.forEach((ws) => ws.close()); return this.length; }")
+
+
+def test_page_recovers_missed_events_after_a_reconnect(browser, start_server, uid):
+    srv = start_server()
+    post(srv, "/api/wallet/deposit", {"user_id": uid, "amount": 1000})
+    browser.open(srv.url + "/")
+    browser.open_wallet(uid)
+    first = settle(srv, uid, "slots", 100, 0)
+    wait_for(lambda: browser.feed() and browser.feed()[0][0] == first["outcome_id"]
+             and browser.balance_cents() == "900", timeout=TIMEOUT, message="the first outcome, live")
+
+    # Cut the page off: its sockets close and every reconnect attempt fails until unblocked.
+    browser.call("Network.enable")
+    browser.call("Network.setBlockedURLs", urls=[f"ws://127.0.0.1:{srv.http_port}/ws*"])
+    drop_websockets(browser)
+    wait_for(lambda: browser.state() == "reconnecting", timeout=TIMEOUT, interval=0.05, message="reconnecting")
+    missed = [settle(srv, uid, "dice", 50, 200), settle(srv, uid, "crash", 25, 0)]
+    deposit = post(srv, "/api/wallet/deposit", {"user_id": uid, "amount": 5})
+    browser.call("Network.setBlockedURLs", urls=[])
+    browser.js("document.getElementById('retry-btn').click()")
+
+    browser.wait_live(timeout=15)
+    # The missed outcomes came back over the socket (HTTP has no feed), in order, without a gap notice.
+    wait_for(lambda: [o[0] for o in browser.feed()[:3]] == [missed[1]["outcome_id"], missed[0]["outcome_id"],
+                                                          first["outcome_id"]],
+             timeout=TIMEOUT, message="the missed outcomes in the feed")
+    assert browser.js("document.querySelectorAll('#feed li.gap').length") == 0
+    assert browser.js("document.getElementById('conn-state').dataset.resynced") == "false"
+    wait_for(lambda: browser.balance_cents() == str(deposit["balance"]), timeout=TIMEOUT, message="the balance")
+    assert deposit["balance"] == 900 - 50 + 200 - 25 + 5
+    expected = [[1, uid, str(-100 + 150 - 25)]]
+    wait_for(lambda: browser.board() == expected, timeout=TIMEOUT, message="the board brought up to date")
+
+    # Live again on both sockets.
+    last = settle(srv, uid, "slots", 0, 10)
+    wait_for(lambda: browser.feed()[0][0] == last["outcome_id"], timeout=TIMEOUT, message="a live outcome")
+    browser.call("Network.disable")
+    browser.pump()
+    own = [e for e in browser.errors if not e.startswith("log (network)") and "WebSocket connection to" not in e]
     assert own == []
