@@ -378,24 +378,6 @@ class EventHub:
                     del index[state.user_id]
 
 
-    # -- TODO(H5 lands): transitional, for app.py's current calls; remove once app.py feeds the hub through
-    # MemoryEventLog(hub) and shuts WebSockets down through ws.register(app)'s registry.
-
-    compat_registry = None
-    _compat_log = None
-
-    def publish(self, kind: str, data: dict, user_id: str | None = None) -> None:
-        if self._compat_log is None:
-            self._compat_log = MemoryEventLog(self)
-        self._compat_log.publish(kind, data, user_id)
-
-    def close_all(self, code: int) -> int:
-        return self.compat_registry.close_all(code) if self.compat_registry else 0
-
-    def connection_count(self) -> int:
-        return self.compat_registry.count() if self.compat_registry else 0
-
-
 class _Waiter:
     __slots__ = ("command",)
 

@@ -223,6 +223,10 @@ class Adapter:
     def connected(self) -> bool:
         return self._ws.connected and not self.sock.close_sent
 
+    @property
+    def close_sent(self) -> bool:
+        return self.sock.close_sent
+
     def wait(self, timeout: float) -> None:
         self._ws.event.wait(timeout)
         self._ws.event.clear()  # everything is re-checked after this, so no wake-up is lost
@@ -517,7 +521,7 @@ class Connection:
             self.nudge()
         while True:
             adapter.wait(self._wait_timeout())
-            if adapter.sock.close_sent:
+            if adapter.close_sent:
                 return f"closed with {self.close_code}"  # close_now() sent the close frame already
             for _ in range(MAX_BATCH):
                 raw = adapter.next_message()
@@ -680,21 +684,16 @@ def _refuse(conn: Connection, code: str, message: str) -> str:
     return conn.close(1008, code)
 
 
-def register(app: Flask, sock: object = None, hub: EventHub | None = None) -> Registry:
+def register(app: Flask) -> Registry:
     """Install GET /ws and /ws/ on `app`; return the connection registry (also `app.extensions["wallet.ws"]`).
 
-    The hub and the store are taken from `app.extensions["wallet.hub"]` / `["wallet.store"]`, the
-    authenticator from `["wallet.auth"]` (absent: authentication off), the allowed origins from
-    `app.config["ALLOWED_ORIGINS"]` (normalized, see origins.parse_allowed). `sock` and `hub` are
-    accepted for app.py's older call `register(app, sock, hub)`.
+    At request time the hub and the store come from `app.extensions["wallet.hub"]` / `["wallet.store"]`,
+    the authenticator from `["wallet.auth"]` (absent or disabled: authentication off), the allowed
+    origins from `app.config["ALLOWED_ORIGINS"]` (normalized, see origins.parse_allowed). At shutdown
+    call `registry.close_all(1001)`, then poll `registry.count()` for as long as the budget allows.
     """
     registry = Registry()
     app.extensions["wallet.ws"] = registry
-    if hub is not None:
-        app.extensions.setdefault("wallet.hub", hub)
-    hub = app.extensions.get("wallet.hub")
-    if hub is not None:  # TODO(H5 lands): app.py still shuts WebSockets down through hub.close_all()
-        hub.compat_registry = registry
     for path in ("/ws", "/ws/"):
         # Werkzeug routes upgrade requests only to rules marked websocket; a plain request gets the other.
         app.add_url_rule(path, "websocket", websocket, methods=["GET"], websocket=True)
