@@ -13,6 +13,7 @@ Nothing here knows sockets, frames or close codes: a subscriber is anything that
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
@@ -22,6 +23,7 @@ log = logging.getLogger("wallet.events")
 TOPICS = ("game_outcomes", "leaderboard", "balance")
 KINDS = ("game_outcome", "leaderboard", "balance")  # the `type` of each event on the wire
 HISTORY = 10_000  # events retained for recovery (CONTRACT.md section 4: at least the newest 10,000)
+CATCH_UP = 2.0  # seconds a recovery waits for this hub to reach a `since` the client got from another process
 EMPTY_BOARD = {"leaderboard": []}
 
 
@@ -103,18 +105,21 @@ class _State:
 
 
 class _Command:
-    __slots__ = ("action", "sub", "args", "on_live", "done", "result")
+    __slots__ = ("action", "sub", "args", "on_live", "done", "result", "deadline")
 
     def __init__(self, action: str, sub: Subscriber | None, args: tuple, on_live: OnLive | None = None) -> None:
         self.action, self.sub, self.args, self.on_live = action, sub, args, on_live
         self.done = threading.Event()
         self.result: Live | None = None
+        self.deadline: float | None = None  # of a recovery waiting for its `since` to arrive
 
 
 class EventHub:
     """feed() is O(1) and never blocks on a subscriber: the dispatcher thread does the rest."""
 
-    def __init__(self, epoch: str | None = None, *, history: int = HISTORY) -> None:
+    def __init__(self, epoch: str | None = None, *, history: int = HISTORY, catch_up: float = CATCH_UP) -> None:
+        self._catch_up = catch_up
+        self._waiting: list[_Command] = []  # recoveries whose `since` this hub has not reached yet
         self._cond = threading.Condition()
         self._pending: deque = deque()
         self._stopped = False
@@ -180,6 +185,9 @@ class EventHub:
 
         With `since` and `epoch`, the retained matching events after `since` come back in `Live.replay`
         when the history still holds all of them (`recovered`); replay considers the topics named here.
+        A `since` of the current epoch beyond the last event taken in (the client saw it through another
+        process sharing the log, whose events reach this hub a moment later) waits up to `catch_up`
+        seconds for this hub to get there; then it is `recovered: false`.
         `on_live(live)` runs on the dispatcher thread at the exact point the change takes effect, before
         any later event reaches `sub`: the place to queue replies. None if the dispatcher did not answer.
         """
@@ -201,6 +209,10 @@ class EventHub:
     def subscriber_count(self) -> int:
         return len(self._states)
 
+    def pending_recoveries(self) -> int:
+        """Recoveries waiting for this hub to reach their `since` (see subscribe)."""
+        return len(self._waiting)
+
     # -- dispatcher ------------------------------------------------------------------------------
 
     def _apply(self, command: _Command) -> None:
@@ -219,8 +231,16 @@ class EventHub:
         while True:
             with self._cond:
                 while not self._pending and not self._stopped:
-                    self._cond.wait()
+                    if not self._waiting:
+                        self._cond.wait()
+                        continue
+                    timeout = min(c.deadline for c in self._waiting) - time.monotonic()
+                    if timeout <= 0:
+                        break
+                    self._cond.wait(timeout)
                 if self._stopped:
+                    for c in self._waiting:
+                        c.done.set()
                     return
                 batch, self._pending = self._pending, deque()
             for item in batch:
@@ -233,6 +253,13 @@ class EventHub:
                     log.exception("event dispatch failed")
                     if type(item) is _Command:
                         item.done.set()
+            if self._waiting:
+                self._resume_waiting()
+
+    def _resume_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for c in waiting:
+            self._command(c)  # goes live now, or waits again until its deadline
 
     def _dispatch(self, event: Event) -> None:
         seq = event.seq
@@ -264,6 +291,7 @@ class EventHub:
         return self._history[0].seq - 1 if self._history else self._last_seq
 
     def _command(self, c: _Command) -> None:
+        deferred = False
         try:
             action = c.action
             if action == "flush":
@@ -276,10 +304,25 @@ class EventHub:
                 state = self._states.pop(c.sub, None)
                 if state is not None:
                     self._unindex(c.sub, state)
+                for w in [w for w in self._waiting if w.sub is c.sub]:
+                    self._waiting.remove(w)
+                    w.done.set()
+            elif action == "subscribe" and self._must_wait(c):
+                self._waiting.append(c)
+                deferred = True
             else:
                 c.result = self._change(c)
         finally:
-            c.done.set()
+            if not deferred:
+                c.done.set()
+
+    def _must_wait(self, c: _Command) -> bool:
+        since, epoch = c.args[2], c.args[3]
+        if since is None or epoch != self._epoch or since <= self._last_seq:
+            return False
+        if c.deadline is None:
+            c.deadline = time.monotonic() + self._catch_up
+        return time.monotonic() < c.deadline
 
     def _change(self, c: _Command) -> Live | None:
         sub = c.sub
@@ -343,6 +386,7 @@ class EventHub:
         for sub in subscribers:
             self._drop(sub, cancel="resync")
         self._states.clear()
+        self._resume_waiting()  # their epoch is gone: they go live now, not recovered
         log.warning("event history reset: epoch %s, last seq %d; %d subscribers told to resync",
                     epoch, last_seq, len(subscribers))
 

@@ -9,6 +9,7 @@ import tracemalloc
 
 import pytest
 
+from conftest import wait_for
 from events import HISTORY, TOPICS, Event, EventHub, Live, MemoryEventLog, matches
 
 TIMEOUT = 30.0  # only a hang ever gets near this
@@ -257,12 +258,55 @@ def test_recovery_replays_only_the_topics_asked_for(hub, log):
 
 
 @pytest.mark.parametrize("case", ["wrong-epoch", "future-since"])
-def test_no_recovery_for_another_epoch_or_an_unknown_seq(hub, log, case):
-    log.publish("game_outcome", outcome("a"), "a")
-    since, epoch = (0, "not-" + hub.epoch) if case == "wrong-epoch" else (5, hub.epoch)
-    live = subscribe(hub, Sub(), ["game_outcomes", "leaderboard"], since=since, epoch=epoch)
-    assert live.recovered is False and live.replay == ()
-    assert live.snapshot and live.board == {"leaderboard": []}
+def test_no_recovery_for_another_epoch_or_a_seq_never_reached(case):
+    hub = EventHub(catch_up=0.2).start()
+    try:
+        MemoryEventLog(hub).publish("game_outcome", outcome("a"), "a")
+        since, epoch = (0, "not-" + hub.epoch) if case == "wrong-epoch" else (5, hub.epoch)
+        live = subscribe(hub, Sub(), ["game_outcomes", "leaderboard"], since=since, epoch=epoch)
+        assert live.recovered is False and live.replay == ()
+        assert live.snapshot and live.board == {"leaderboard": []}
+    finally:
+        hub.stop()
+
+
+def test_recovery_waits_for_a_since_this_hub_has_not_reached_yet():
+    """A client saw seq 5 through another process; this hub's reader is at 3: it catches up, then recovers."""
+    hub = EventHub(catch_up=TIMEOUT).start()
+    try:
+        for n in range(1, 4):
+            hub.feed(n, "game_outcome", outcome("a", n), "a")
+        sub, result = Sub(), []
+        waiter = threading.Thread(target=lambda: result.append(
+            hub.subscribe(sub, ["game_outcomes"], since=5, epoch=hub.epoch, on_live=sub.on_live, timeout=TIMEOUT)))
+        waiter.start()
+        wait_for(lambda: hub.pending_recoveries() == 1, timeout=TIMEOUT, message="the recovery to wait")
+        assert not result, "went live before reaching since"
+        for n in range(4, 8):
+            hub.feed(n, "game_outcome", outcome("a", n), "a")
+        waiter.join(TIMEOUT)
+        live = result[0]
+        assert live.recovered is True and live.seq >= 5
+        hub.feed(8, "game_outcome", outcome("a", 8), "a")
+        assert hub.flush(TIMEOUT)
+        assert [e.seq for e in live.replay] + sub.seqs() == [6, 7, 8]
+    finally:
+        hub.stop()
+
+
+def test_a_waiting_recovery_ends_with_its_connection():
+    hub = EventHub(catch_up=TIMEOUT).start()
+    try:
+        sub, result = Sub(), []
+        waiter = threading.Thread(target=lambda: result.append(
+            hub.subscribe(sub, ["game_outcomes"], since=9, epoch=hub.epoch, timeout=TIMEOUT)))
+        waiter.start()
+        wait_for(lambda: hub.pending_recoveries() == 1, timeout=TIMEOUT, message="the recovery to wait")
+        hub.disconnect(sub)
+        waiter.join(TIMEOUT)
+        assert result == [None] and hub.subscriber_count() == 0
+    finally:
+        hub.stop()
 
 
 def test_history_keeps_the_newest_events_and_refuses_older_since():
