@@ -132,17 +132,20 @@ local function board_json(members)
   return '{"leaderboard":[' .. table.concat(rows, ',') .. ']}'
 end
 
+local EPOCH = nil
 local function emit(kind, data, uid)
   local seq = redis.call('INCR', P .. 'seq')
   if seq == 1 then
     -- a new history (first write ever, or Redis lost its data): name it, unless a reader already did
     redis.call('SET', P .. 'epoch', string.format('%d%06d-%s', SEC, USEC, TOKEN), 'NX')
   end
+  -- each entry names its history, so a reader sees a flush in the entries themselves
+  EPOCH = EPOCH or redis.call('GET', P .. 'epoch') or ''
   local id = string.format('%d-0', seq)
   if uid then
-    redis.call('XADD', P .. 'events', 'MAXLEN', '~', MAXLEN, id, 'k', kind, 'd', data, 'u', uid)
+    redis.call('XADD', P .. 'events', 'MAXLEN', '~', MAXLEN, id, 'k', kind, 'd', data, 'e', EPOCH, 'u', uid)
   else
-    redis.call('XADD', P .. 'events', 'MAXLEN', '~', MAXLEN, id, 'k', kind, 'd', data)
+    redis.call('XADD', P .. 'events', 'MAXLEN', '~', MAXLEN, id, 'k', kind, 'd', data, 'e', EPOCH)
   end
 end
 
@@ -389,10 +392,11 @@ class RedisEventReader:
     """One thread per process: tails `{prefix}events` and feeds the local hub in `seq` order.
 
     start() names or adopts the epoch (`{prefix}epoch`, SET NX), preloads the newest events into
-    `hub.preload(events, epoch, last_seq)` and starts tailing (XREAD BLOCK) with `hub.feed(...)`.
-    Each read also fetches the epoch: when it changed (Redis lost its data and a new history began)
-    or entries were trimmed before the reader got them, it calls `hub.reset(epoch, last_seq)` and
-    continues with what the stream holds. While Redis is gone it retries every half second.
+    `hub.preload(events, epoch, last_seq, board=...)` and starts tailing (XREAD BLOCK) with `hub.feed(...)`.
+    Every entry carries the epoch it was written in (and a quiet read checks the key): when it changed
+    (Redis lost its data and a new history began) or entries were trimmed before the reader got them,
+    it calls `hub.reset(epoch, last_seq, board=...)` then `hub.preload(...)` with what the stream holds.
+    While Redis is gone it retries every half second.
     """
 
     def __init__(self, client_factory: Callable[[], redis.Redis], prefix: str, hub: Any, *,
@@ -496,17 +500,20 @@ class RedisEventReader:
         return None
 
     def _step(self, client: redis.Redis) -> None:
-        # The GET runs right after the XREAD on the same connection: if the epoch is still ours, the
-        # entries just read belong to our history (a flush in between would have changed it).
-        pipe = client.pipeline(transaction=False)
-        pipe.xread({self._stream: f"{self.last_seq}-0"}, count=1000, block=self._block_ms)
-        pipe.get(self._epoch_key)
-        batches, epoch = pipe.execute()
-        if epoch is None or epoch.decode() != self.epoch:
-            self._resync(client)
+        batches = client.xread({self._stream: f"{self.last_seq}-0"}, count=1000, block=self._block_ms)
+        if not batches:
+            # Quiet: check that our history still exists (a flush without writes shows only here).
+            epoch = client.get(self._epoch_key)
+            if epoch is None or epoch.decode() != self.epoch:
+                self._resync(client)
             return
-        for _stream, entries in batches or ():
+        epoch = self.epoch.encode()
+        for _stream, entries in batches:
             for entry_id, fields in entries:
+                if fields.get(b"e") != epoch:
+                    # Written in another history (Redis lost its data since): start over from the new one.
+                    self._resync(client)
+                    return
                 event = _event(entry_id, fields)
                 if event[0] != self.last_seq + 1:
                     # Trimmed before we read them (a long outage): subscribers must resync.
@@ -539,7 +546,7 @@ class RedisEventReader:
 def connect(url: str, *, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
     """A client with short timeouts and no retries, so a lost Redis is an error within seconds."""
     return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT,
-                                retry=Retry(NoBackoff(), 0), decode_responses=False)
+                                retry=Retry(NoBackoff(), 0), decode_responses=False, protocol=2)
 
 
 def describe(url: str) -> str:
