@@ -12,6 +12,8 @@ import pytest
 import requests
 from test_ws import TIMEOUT, WS, deposit, get_board, is_event, play
 
+from redis_server import own_redis_server, redis_server, service_args  # noqa: F401 (fixtures)
+
 
 @pytest.fixture
 def connect():
@@ -278,3 +280,59 @@ def test_timing_of_a_large_replay(server, connect, uid, http):
     assert [m["data"]["balance"] for m in replayed] == list(range(1, 501))
     again.ping()
     assert time.monotonic() - started < TIMEOUT
+
+
+# -- with the state in Redis (CONTRACT.md section 7) -------------------------------------------------
+
+
+def test_recovery_across_processes_sharing_redis(start_server, connect, redis_server, uid, http):  # noqa: F811
+    args = service_args(redis_server)
+    a, b = start_server(*args), start_server(*args)
+    query = f"events=balance&user_id={uid}"
+    sub, ws = first_session(connect, a.ws_url, query)
+    first = deposit(http, a.url, uid, 100)
+    seen, _ = until_tx(ws, first["transaction_id"], "the first deposit")
+    ws.close()
+    missed = [deposit(http, b.url, uid, 1), deposit(http, a.url, uid, 2), deposit(http, b.url, uid, 3)]
+
+    # Reconnect to the other process: same epoch, same seqs, the missed events in order.
+    again = connect(f"{b.ws_url}?{query}&since={seen['seq']}&epoch={sub['epoch']}")
+    hello = again.expect("subscribed", recovered=True, epoch=sub["epoch"])
+    replayed = [again.recv() for _ in missed]
+    assert [m["data"]["transaction_id"] for m in replayed] == [m["transaction_id"] for m in missed]
+    assert [m["seq"] for m in replayed] == list(range(seen["seq"] + 1, seen["seq"] + 4))
+    assert hello["seq"] >= replayed[-1]["seq"]
+    live = deposit(http, a.url, uid, 4)  # written through the first process, delivered by the second
+    msg = again.recv()
+    assert msg["data"]["transaction_id"] == live["transaction_id"] and msg["seq"] == replayed[-1]["seq"] + 1
+
+
+def test_epoch_and_history_survive_a_restart_with_redis(start_server, connect, redis_server, uid, http):  # noqa: F811
+    args = service_args(redis_server)
+    first = start_server(*args)
+    sub, ws = first_session(connect, first.ws_url, f"events=balance&user_id={uid}")
+    ws.close()
+    missed = deposit(http, first.url, uid, 9)
+    assert first.stop() == 0
+    second = start_server(*args)
+    again = connect(f"{second.ws_url}?events=balance&user_id={uid}&since={sub['seq']}&epoch={sub['epoch']}")
+    again.expect("subscribed", recovered=True, epoch=sub["epoch"])
+    msg = again.recv()
+    assert msg["data"]["transaction_id"] == missed["transaction_id"]
+
+
+def test_redis_losing_its_data_closes_subscribers_with_1011_and_changes_the_epoch(
+        start_server, connect, own_redis_server, uid, http):  # noqa: F811
+    srv = start_server(*service_args(own_redis_server))
+    sub, ws = first_session(connect, srv.ws_url, f"events=balance,leaderboard&user_id={uid}")
+    ws.expect("leaderboard")
+    deposit(http, srv.url, uid, 5)
+    own_redis_server.stop(kill=True)  # no persistence: everything is gone
+    own_redis_server.start()
+    code, _ = ws.expect_close(timeout=30)
+    assert code == 1011
+    again = connect(f"{srv.ws_url}?events=balance,leaderboard&user_id={uid}&since={sub['seq'] + 1}"
+                    f"&epoch={sub['epoch']}")
+    hello = again.expect("subscribed", recovered=False)
+    assert hello["epoch"] != sub["epoch"]
+    again.expect("leaderboard")
