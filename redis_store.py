@@ -14,7 +14,8 @@ members all score 0 and sort by bytes: a 20-character code of the exact net winn
 then ":" and the user id (ascending on ties), so 2^63-1 ranks above 2^63-2, which double scores tie.
 
 Keys, under the prefix: `bal:{user}` (string), `ledger:{user}` (list, newest first), `net` (hash of
-exact net winnings), `board` (the ranked set), `seq`, `txid`, `outid` (counters), `events` (stream),
+exact net winnings), `board` (the ranked set), `seq`, `txid`, `outid` (counters), `events` (stream; entry
+id `{seq}-0`, fields k = kind, d = data JSON, e = epoch, u = user id when the event has one),
 `epoch` (names the event history), `idem:{key}` (hash: fingerprint, outcome, body; expires after the
 TTL) and `idem` (sorted set of keys by expiry, for the cap). A single Redis (or a primary with
 replicas), not Redis Cluster: a script touches keys it computes.
