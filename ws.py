@@ -400,8 +400,14 @@ class Connection:
                 reply["recovered"] = live.recovered
             self.reply(reply, reply_id)
             if live.snapshot:
-                # The hub knows the board unless its history was reset since the last leaderboard event.
-                board = live.board if live.board is not None else {"leaderboard": self.store.leaderboard()}
+                board = live.board
+                if board is None:  # the hub's history was reset and no board came with it: ask the store
+                    try:
+                        board = {"leaderboard": self.store.leaderboard()}
+                    except Exception:  # noqa: BLE001 - a store outage: the client reconnects and tries again
+                        log.warning("ws %s: no leaderboard for the snapshot; closing with 1011", self.peer)
+                        self.request_close(1011, "leaderboard unavailable: reconnect")
+                        return
                 self._enqueue(text_frame(dumps({"type": "leaderboard", "seq": live.seq, "data": board})))
             if live.replay:
                 self._enqueue(live.replay)  # one queue entry: encoded by the writer, not by the dispatcher
