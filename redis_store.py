@@ -531,11 +531,16 @@ class RedisEventReader:
         The hub drops its subscribers (they reconnect with `since`) and takes the stream's newest events.
         """
         epoch, events, last_seq, board = self._snapshot(client)
-        if epoch == self.epoch and not force:
+        if epoch == self.epoch and last_seq >= self.last_seq and not force:
             return  # tailing from last_seq catches up; a gap is detected there
         if epoch != self.epoch:
             reader_log.warning("event reader: the event history changed (epoch %s -> %s): subscribers resync",
                                self.epoch, epoch)
+        elif last_seq < self.last_seq:
+            # Redis came back from a persistence file without its newest writes (appendfsync everysec):
+            # the seqs after last_seq will name other events than the ones delivered.
+            reader_log.warning("event reader: Redis came back at seq %d, behind the %d delivered: subscribers "
+                               "resync", last_seq, self.last_seq)
         self._hub.reset(epoch, last_seq, board=board)
         self._hub.preload(events, epoch, last_seq, board=board)
         self.epoch, self.last_seq = epoch, last_seq

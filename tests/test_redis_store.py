@@ -512,3 +512,28 @@ def test_full_redis_refuses_writes_as_unavailable_and_changes_nothing(own_redis_
     assert [t["type"] for t in store.transactions("alice")] == ["deposit"]
     assert store.deposit("alice", 1).body["balance"] == 6
     store.close()
+
+
+def test_redis_back_without_its_newest_writes_resets_the_hub(own_redis_server, readers):  # noqa: F811
+    store = RedisStore(redis_store.connect(own_redis_server.url), "w:")
+    for _ in range(5):
+        store.deposit("alice", 1)
+    hub = FakeHub()
+    reader = readers(own_redis_server.url, "w:", hub)
+    assert reader.last_seq == 5
+    # What a restart from an AOF that missed its last second looks like: same epoch, history up to seq 3.
+    admin = own_redis_server.client()
+    kept = admin.xrange("w:events", max="3-0")
+    pipe = admin.pipeline(transaction=True)
+    pipe.delete("w:events")
+    for entry_id, fields in kept:
+        pipe.xadd("w:events", fields, id=entry_id)
+    pipe.set("w:seq", 3)
+    pipe.execute()
+    admin.client_kill_filter(_type="normal", skipme=True)  # the reader reconnects
+    wait_for(lambda: hub.of("reset"), message="the reset")
+    assert hub.of("reset")[0][1:3] == (reader.epoch, 3)
+    store.deposit("bob", 1)  # seq 4 again, another event than the first seq 4
+    wait_for(lambda: hub.fed_seqs() == [4], message="the new seq 4")
+    assert hub.of("feed")[0][4] == "bob"
+    store.close()
