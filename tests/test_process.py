@@ -99,6 +99,26 @@ def test_flag_beats_variable_and_ports_come_from_the_environment(start_server):
     assert requests.get(srv2.url + "/healthz", timeout=5).status_code == 200
 
 
+def test_max_connections_flag_caps_connections(start_server):
+    srv = start_server("--max-connections", "2")
+    held = [socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) for _ in range(2)]
+    try:
+        wait_for(lambda: _status_of_one_more(srv) == 503, timeout=5, message="a third connection to be shed")
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: _status_of_one_more(srv) == 200, timeout=5, message="the cap to free up")
+
+
+def _status_of_one_more(srv):
+    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return int(reply.split()[1]) if reply.startswith(b"HTTP/1.1 ") else None
+
+
 def test_start_up_logs_one_line_per_listener_and_warns_that_auth_is_off(start_server):
     srv = start_server()
     log = srv.log()
