@@ -21,7 +21,7 @@ from werkzeug.routing import PathConverter
 
 import http_server
 import logs
-from errors import CODE_OF_STATUS, ServiceError, dumps
+from errors import CODE_OF_STATUS, ServiceError, dumps, envelope
 from origins import origin_allowed
 from validation import ValidationError, parse_json, validate_amount, validate_game, validate_limit, validate_user_id
 from wallet_store import Idempotency, Result, Store
@@ -122,7 +122,7 @@ def _http_error(exc: HTTPException) -> Response:
         message = f"method {request.method} is not allowed on {request.path}"
     else:
         message = exc.description or "request refused"
-    response = json_response({"error": CODE_OF_STATUS.get(status, "invalid_request"), "message": message}, status)
+    response = json_response(envelope(CODE_OF_STATUS.get(status, "invalid_request"), message), status)
     if status == 405:
         response.headers["Allow"] = ", ".join(exc.valid_methods or [])  # type: ignore[attr-defined]
     return response
@@ -131,7 +131,7 @@ def _http_error(exc: HTTPException) -> Response:
 @bp.app_errorhandler(Exception)
 def _internal(exc: Exception) -> Response:
     log.exception("unhandled error")
-    return json_response({"error": "internal_error", "message": "internal server error"}, 500)
+    return json_response(envelope("internal_error", "internal server error"), 500)
 
 
 # -- the pieces every route is made of ---------------------------------------------------------------
