@@ -217,7 +217,7 @@ def read_until(sock: socket.socket, terminator: bytes, limit: int, deadline: flo
         buf += sock.recv(len(data))  # consume exactly what was peeked, then wait for more
         if len(buf) > limit:
             raise BadRequest("request head too large", 431) if limit == MAX_HEAD else BadRequest("line too long")
-        if _BROKEN_LINE_END.search(buf, 0, len(buf) - 1):
+        if _BROKEN_LINE_END.search(buf):  # a CR at the very end is not yet known to be bare
             # Found early so a client ending lines with a bare LF is told at once, not after the timeout.
             raise BadRequest("bare CR, bare LF or NUL in the request head")
 
