@@ -674,10 +674,13 @@ def _serve(conn: Connection, auth: object) -> str:
         return _refuse(conn, "invalid_request" if code == "invalid_message" else code, str(exc))
     log.info("ws %s connected events=%s user_id=%s%s as %s", conn.peer, ",".join(events), user_id,
              "" if since is None else f" since={since}", getattr(conn.principal, "name", "anonymous"))
-    if events:
-        conn.subscribe(events, user_id, since, epoch)
-    elif user_id is not None:
-        conn.set_user(user_id)
+    try:
+        if events:
+            conn.subscribe(events, user_id, since, epoch)
+        elif user_id is not None:
+            conn.set_user(user_id)
+    except _BadMessage as exc:  # the credential expired since it was checked
+        return _refuse(conn, exc.code, str(exc))
     return conn.run()
 
 

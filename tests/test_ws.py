@@ -1019,8 +1019,6 @@ TOKEN_SECRET = "s" * 40
 
 class InProcess:
     def __init__(self, auth=None, allowed_origins=()):
-        import inspect
-
         from flask import Flask
 
         import http_server
@@ -1036,9 +1034,7 @@ class InProcess:
         app.extensions.update({"wallet.hub": self.hub, "wallet.store": self.store, "wallet.auth": auth})
         self.registry = ws.register(app)
         sock = http_server.bind("127.0.0.1", 0)
-        kwargs = {"max_connections": 500} if "max_connections" in inspect.signature(http_server.Server).parameters \
-            else {}
-        self.server = http_server.Server(sock, app, **kwargs)
+        self.server = http_server.Server(sock, app, max_connections=500)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
         port = self.server.server_address[1]
