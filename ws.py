@@ -636,7 +636,9 @@ def websocket() -> Response:
     try:
         adapter = Adapter(environ)
     except HandshakeError:
-        return _json(400, "invalid_request", "invalid WebSocket handshake")
+        response = _json(400, "invalid_request", "invalid WebSocket handshake")
+        response.headers["Connection"] = "close"  # the socket's options were already changed for a WebSocket
+        return response
     peer = f"{request.remote_addr}:{environ.get('REMOTE_PORT')}"
     conn = Connection(adapter, hub, extensions.get("wallet.store"), None, peer)
     outcome = "error"

@@ -1294,3 +1294,16 @@ def test_sigterm_with_thousands_of_websockets_and_100_ping_floods_exits_within_5
         for ws in clients:
             ws.close()
     print(f"\nSIGTERM with {count} WebSockets and {flooding} ping-flooding non-readers: exit in {elapsed:.2f}s")
+
+
+def test_upgrade_without_a_valid_handshake_is_400_json_and_closes(server):
+    parts = urlsplit(server.ws_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as sock:
+        sock.sendall(f"GET /ws?events=leaderboard HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n".encode())  # no key, no version
+        data = b""
+        while chunk := sock.recv(4096):  # the server closes after its answer
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body)["error"] == "invalid_request"
