@@ -1,11 +1,13 @@
-"""Baseline for the gRPC row: a servicer that returns a constant, on the service's grpc.server setup.
+"""Baselines for the gRPC row, on the service's own grpc.server setup (pool size and options from grpc_server).
 
-Same executor size and options as `grpc_server.serve` (read from it, so they stay in step), without the
-store, validation and per-call logging: the ratio against it shows what those cost.
+    --mode constant   a servicer returning a constant (what gRPC itself costs)
+    --mode bare       the service's own WalletServicer over a MemoryStore, without the interceptor
+                      (authentication, stream limits, per-call log line): what the interceptor costs
+
+Neither has health, reflection or logging; the ratio of the service against `bare` is issue 15's goal.
 """
 
 import argparse
-import inspect
 import os
 import signal
 import sys
@@ -19,8 +21,9 @@ import grpc  # noqa: E402
 import grpc_server  # noqa: E402
 import wallet_pb2  # noqa: E402
 import wallet_pb2_grpc  # noqa: E402
+from wallet_store import MemoryStore  # noqa: E402
 
-MAX_WORKERS = inspect.signature(grpc_server.serve).parameters["max_workers"].default
+WORKERS = grpc_server.UNARY_WORKERS
 CONSTANT = wallet_pb2.GetBalanceResponse(user_id="bench", balance=0)
 
 
@@ -29,17 +32,30 @@ class ConstantServicer(wallet_pb2_grpc.WalletServiceServicer):
         return CONSTANT
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mode", choices=("constant", "bare"), default="constant")
     args = parser.parse_args()
-    executor = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="grpc")
-    server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
-    wallet_pb2_grpc.add_WalletServiceServicer_to_server(ConstantServicer(), server)
+    executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="grpc")
+    # The same options and call bound as grpc_server.serve, so only the servicer and interceptor differ.
+    server = grpc.server(
+        executor,
+        maximum_concurrent_rpcs=grpc_server.MAX_STREAMS + WORKERS + grpc_server.MAX_QUEUED_CALLS,
+        options=[("grpc.so_reuseport", 0),
+                 ("grpc.max_concurrent_streams",
+                  max(grpc_server.MAX_HTTP2_STREAMS, grpc_server.MAX_STREAMS_PER_CONNECTION + WORKERS))])
+    if args.mode == "bare":
+        store = MemoryStore()
+        store.deposit("bench1", 100)
+        servicer = grpc_server.WalletServicer(store)
+    else:
+        servicer = ConstantServicer()
+    wallet_pb2_grpc.add_WalletServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()
-    print(f"baseline gRPC listening on {args.host}:{args.port} with {MAX_WORKERS} workers", flush=True)
+    print(f"baseline gRPC ({args.mode}) listening on {args.host}:{args.port} with {WORKERS} workers", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -43,9 +43,10 @@ def main():
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     print(f"baseline HTTP listening on {args.host}:{args.port}", flush=True)
     stop.wait()
+    server.draining = True
     server.shutdown()
     server.server_close()
-    server.close_connections()
+    server.drain(1.0)
     os._exit(0)
 
 

@@ -123,13 +123,14 @@ def tail(path, lines=30):
 class ServerProcess:
     """A server subprocess with its output in a log file, stopped with SIGTERM."""
 
-    def __init__(self, name, argv, ports, host="127.0.0.1"):
+    def __init__(self, name, argv, ports, host="127.0.0.1", env=None):
         LOGS.mkdir(exist_ok=True)
         self.name = name
         self.host = host
         self.log_path = LOGS / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # A value of None removes the variable (the service must not pick up the caller's API_KEYS by chance).
+        env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items() if v is not None}
         self.proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, preexec_fn=_restore_nofile)
         self.pid = self.proc.pid
@@ -159,10 +160,12 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def app_server(name="app"):
+def app_server(name="app", *args, env=None):
+    """`python app.py` on free ports; extra flags in `args` (e.g. --redis-url URL), extra environment in `env`."""
     http_port, grpc_port = free_port(), free_port()
     srv = ServerProcess(name, ["app.py", "--host", "127.0.0.1", "--http-port", str(http_port),
-                               "--grpc-port", str(grpc_port)], [http_port, grpc_port])
+                               "--grpc-port", str(grpc_port), *args], [http_port, grpc_port],
+                        env={"API_KEYS": None, "PLAYER_TOKEN_SECRET": None, "REDIS_URL": None, **(env or {})})
     srv.http_port, srv.grpc_port = http_port, grpc_port
     return srv
 

@@ -9,7 +9,7 @@ import time
 from common import ROOT, percentile
 
 
-async def _drive(target, user_id, concurrency, warmup, duration):
+async def _drive(target, user_id, concurrency, warmup, duration, token=None):
     import grpc
 
     import wallet_pb2
@@ -20,7 +20,8 @@ async def _drive(target, user_id, concurrency, warmup, duration):
         # The request is serialized once and responses are checked only for arriving: the client does as
         # little per call as it can, so that it takes as little of the machine as possible from the server.
         check = wallet_pb2_grpc.WalletServiceStub(channel)
-        reply = await check.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user_id), timeout=10)
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        reply = await check.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user_id), timeout=10, metadata=metadata)
         assert reply.user_id in (user_id, "bench"), reply
         call = channel.unary_unary("/wallet.v1.WalletService/GetBalance", request_serializer=None,
                                    response_deserializer=None, _registered_method=True)
@@ -37,7 +38,7 @@ async def _drive(target, user_id, concurrency, warmup, duration):
                     return
                 t = perf()
                 try:
-                    await call(request, timeout=10)
+                    await call(request, timeout=10, metadata=metadata)
                     code = "OK"
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
@@ -49,17 +50,18 @@ async def _drive(target, user_id, concurrency, warmup, duration):
     return latencies, codes
 
 
-def _worker(target, user_id, concurrency, warmup, duration, out):
+def _worker(target, user_id, concurrency, warmup, duration, token, out):
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
-    latencies, codes = asyncio.run(_drive(target, user_id, concurrency, warmup, duration))
+    latencies, codes = asyncio.run(_drive(target, user_id, concurrency, warmup, duration, token))
     out.put((latencies, codes))
 
 
-def run_load(target, user_id="bench1", concurrency=16, duration=5.0, warmup=0.5):
+def run_load(target, user_id="bench1", concurrency=16, duration=5.0, warmup=0.5, token=None):
+    """GetBalance in a loop; `token` is sent as `authorization: Bearer <token>` metadata on every call."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(target, user_id, concurrency, warmup, duration, out), daemon=True)
+    p = ctx.Process(target=_worker, args=(target, user_id, concurrency, warmup, duration, token, out), daemon=True)
     p.start()
     latencies, codes = out.get(timeout=duration + warmup + 60)
     p.join(timeout=10)

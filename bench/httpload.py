@@ -149,12 +149,21 @@ def run_load(host, port, requests, duration=5.0, warmup=0.5, processes=1):
     Returns requests/s (2xx and others alike, counted only within the measured window), latency
     percentiles in milliseconds, the status counts, and errors (connections the server dropped).
     """
+    chunks = [requests[i::processes] for i in range(processes)]
+    return run_load_many([(host, port, chunk) for chunk in chunks if chunk], duration, warmup)
+
+
+def run_load_many(targets, duration=5.0, warmup=0.5):
+    """One worker process per (host, port, requests) target, all on the same clock; figures summed over all.
+
+    For several servers at once (two service processes on one Redis): the aggregate rate, and latency
+    percentiles over every request.
+    """
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    chunks = [requests[i::processes] for i in range(processes)]
-    start_at = time.monotonic() + 0.6 + 0.2 * processes  # lets every worker connect before the clock starts
-    procs = [ctx.Process(target=worker, args=(host, port, chunk, start_at, warmup, duration, out), daemon=True)
-             for chunk in chunks if chunk]
+    start_at = time.monotonic() + 0.6 + 0.2 * len(targets)  # lets every worker connect before the clock starts
+    procs = [ctx.Process(target=worker, args=(host, port, reqs, start_at, warmup, duration, out), daemon=True)
+             for host, port, reqs in targets]
     for p in procs:
         p.start()
     results = [out.get(timeout=duration + warmup + 60) for _ in procs]

@@ -134,3 +134,130 @@ def in_fresh_process(name, **kwargs):
     result = out.get(timeout=600)
     p.join(timeout=30)
     return result
+
+
+def _event_workload(store, rounds, users=1000, seed=11):
+    """A production-like mix: per round one deposit and one settle (bet, sometimes a win, outcome, top 10)."""
+    rng = random.Random(seed)
+    for i in range(rounds):
+        uid = f"player{i % users}"
+        store.deposit(uid, 1000)
+        bet = rng.randint(1, 1000)
+        store.settle(uid, "slots", bet, rng.choice((0, 0, bet * 2, rng.randint(0, 5000))))
+
+
+class _FrameCachingSubscriber:
+    """Stands in for a WebSocket: encodes each event's frame once (ws.event_frame keeps it on the event)."""
+
+    def __init__(self):
+        import ws  # imported before tracing starts: Flask's own memory is not the history's
+
+        self.encode = ws.event_frame
+
+    def deliver(self, event):
+        self.encode(event)
+        return True
+
+    def cancel(self, reason):
+        pass
+
+
+def history(retained, rounds, subscriber=False):
+    """Traced bytes of a store and hub after `rounds` rounds, with the hub retaining `retained` events.
+
+    run.py calls this for the real history size and for a history of 1: the difference is the memory
+    the history costs, since everything else (store, ledgers, leaderboard) is the same in both.
+    """
+    import tracemalloc
+
+    from events import EventHub, MemoryEventLog
+    from wallet_store import MemoryStore
+
+    sub = _FrameCachingSubscriber() if subscriber else None
+    gc.collect()
+    tracemalloc.start()
+    hub = EventHub(history=retained).start()
+    if sub is not None:
+        hub.subscribe(sub, ("game_outcomes", "leaderboard"))
+    store = MemoryStore(MemoryEventLog(hub))
+    _event_workload(store, rounds)
+    assert hub.flush(30)
+    gc.collect()
+    traced = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    events = hub.seq
+    hub.stop()
+    return {"retained": retained, "rounds": rounds, "events": events, "traced_bytes": traced}
+
+
+def idempotency(records, keyed=True):
+    """Traced bytes of a MemoryStore after `records` deposits on distinct users, with or without Idempotency-Keys.
+
+    Keys (a UUID, as clients usually send) and fingerprints are made inside the measured window, as a request
+    makes them: the store keeps those very objects. The difference keyed - unkeyed is the records' cost.
+    """
+    import tracemalloc
+    import uuid
+
+    from routes import fingerprint
+    from wallet_store import Idempotency, MemoryStore
+
+    gc.collect()
+    tracemalloc.start()
+    store = MemoryStore()
+    for i in range(records):
+        uid = f"user{i}"
+        idem = None
+        if keyed:
+            idem = Idempotency(str(uuid.uuid4()), fingerprint("POST", "/api/wallet/deposit",
+                                                              {"user_id": uid, "amount": 100}))
+        store.deposit(uid, 100, idem)
+    gc.collect()
+    traced = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert store.idempotency_size() == (records if keyed else 0)
+    return {"records": records, "keyed": keyed, "traced_bytes": traced}
+
+
+def redis_cost(url, writes=500):
+    """Redis commands and client round trips per write (deposit, settle), from INFO commandstats and a counter
+    on the client's connections; one RedisStore on its own key prefix, no event reader."""
+    import uuid
+
+    import redis
+
+    from redis_store import RedisStore, connect
+
+    class Counting(redis.Connection):
+        round_trips = 0
+
+        def read_response(self, *args, **kwargs):
+            Counting.round_trips += 1
+            return super().read_response(*args, **kwargs)
+
+    base = connect(url)
+    client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=Counting,
+                                                              **base.connection_pool.connection_kwargs))
+    admin = connect(url)
+    store = RedisStore(client, f"cost{uuid.uuid4().hex[:8]}:")
+    store.deposit("warm", 1)  # loads the script (NOSCRIPT, then EVAL) outside the counted window
+    out = {}
+    for op in ("deposit", "settle"):
+        admin.config_resetstat()
+        Counting.round_trips = 0
+        for i in range(writes):
+            if op == "deposit":
+                store.deposit(f"u{i % 50}", 100)
+            else:
+                store.settle(f"u{i % 50}", "slots", 10, 20 if i % 2 else 0)
+        trips = Counting.round_trips
+        stats = admin.info("commandstats")
+        calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()
+                 if k.removeprefix("cmdstat_") not in ("info", "config|resetstat", "config")}
+        out[op] = {"round_trips_per_write": trips / writes,
+                   "commands_per_write": sum(calls.values()) / writes,
+                   "by_command": {k: round(v / writes, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}}
+    client.close()
+    admin.close()
+    base.close()
+    return out

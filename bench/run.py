@@ -12,8 +12,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import re
-import socket
 import sys
 import time
 from datetime import UTC, datetime
@@ -21,11 +19,12 @@ from datetime import UTC, datetime
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import BENCH, ROOT, ServerProcess, app_server, free_port, median, percentile  # noqa: E402
+import rows_more  # noqa: E402
+from client import HOST, RawHTTP, fanout_once  # noqa: E402
+from common import BENCH, ROOT, ServerProcess, app_server, free_port, median  # noqa: E402
 
 RESULTS = BENCH / "results.json"
 DOC = ROOT / "BENCHMARKS.md"
-HOST = "127.0.0.1"
 
 # Fan-out baseline quoted in the issue: a naive thread-per-connection broadcast at 1,000 subscribers.
 ISSUE_BASELINE = "naive broadcast, 1,000 subs: p99 179 ms (gunicorn) / 348 ms (werkzeug), ~190 MB RSS"
@@ -33,64 +32,6 @@ ISSUE_BASELINE = "naive broadcast, 1,000 subs: p99 179 ms (gunicorn) / 348 ms (w
 
 def log(*args):
     print(*args, flush=True)
-
-
-# -- small HTTP client for the controller (outcomes, health) ---------------------
-
-
-class RawHTTP:
-    """A blocking keep-alive HTTP/1.1 client that reconnects when the server closes."""
-
-    def __init__(self, port):
-        self.port = port
-        self.sock = None
-
-    def _connect(self):
-        self.sock = socket.create_connection((HOST, self.port), timeout=30)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def request(self, method, path, body=None):
-        payload = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
-        data = (f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
-        for attempt in range(2):
-            if self.sock is None:
-                self._connect()
-            try:
-                self.sock.sendall(data)
-                return self._read()
-            except OSError:
-                self.close()
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _read(self):
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("server closed the connection")
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-        length = int(m.group(1)) if m else 0
-        while len(rest) < length:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("server closed the connection")
-            rest += chunk
-        if re.search(rb"(?i)\r\nconnection:\s*close", head):
-            self.close()
-        return int(head[9:12]), rest[:length]
-
-    def post(self, path, body):
-        return self.request("POST", path, body)
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def _outcome_stream(port, rate, stop, out):
@@ -162,34 +103,45 @@ def _summ(runs, key):
 
 
 def row_http(cfg):
-    """Row 1: deposit requests/s and p99 at 16 and 64 keep-alive connections vs a constant Flask route."""
-    from httpload import run_load
+    """Row 1: deposit requests/s and p99 at 16 and 64 keep-alive connections vs a constant Flask route and /healthz."""
+    from httpload import build_request, run_load
 
     app = app_server("row1-app")
     port = free_port()
     base = ServerProcess("row1-baseline", ["bench/baseline_http.py", "--port", str(port)], [port])
+    healthz = [build_request("GET", "/healthz", HOST)] * cfg.conns[0]
     out = {}
     try:
-        runs = {(c, kind): [] for c in cfg.conns for kind in ("app", "baseline")}
+        runs = {(c, kind): [] for c in cfg.conns for kind in ("app", "baseline", "healthz")}
         for i in range(cfg.runs):
             for conns in cfg.conns:
                 reqs = deposit_requests(conns)
-                for kind, p in (("baseline", port), ("app", app.http_port)):
-                    r = run_load(HOST, p, reqs, duration=cfg.duration, processes=cfg.loadgen_procs)
+                kinds = [("baseline", port, reqs), ("app", app.http_port, reqs)]
+                if conns == cfg.conns[0]:  # issue 15: deposit against /healthz on the same server, both logged
+                    kinds.append(("healthz", app.http_port, healthz))
+                for kind, p, rq in kinds:
+                    r = run_load(HOST, p, rq, duration=cfg.duration, processes=cfg.loadgen_procs)
                     runs[(conns, kind)].append(r)
                     log(f"  row 1 run {i + 1}: {kind:8} {conns:3} conns: {r['rps']:7.0f} req/s"
                         f"  p99 {r['p99_ms']:6.1f} ms  statuses {r['statuses']} errors {r['errors']}")
         for conns in cfg.conns:
-            a, b = runs[(conns, "app")], runs[(conns, "baseline")]
+            a, b, h = runs[(conns, "app")], runs[(conns, "baseline")], runs[(conns, "healthz")]
             out[str(conns)] = {
                 "rps": _summ(a, "rps"), "p99_ms": _summ(a, "p99_ms"), "p50_ms": _summ(a, "p50_ms"),
                 "baseline_rps": _summ(b, "rps"), "baseline_p99_ms": _summ(b, "p99_ms"),
                 "ratio": _summ(a, "rps") / _summ(b, "rps"),
                 "run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)],
                 "non_200": sum(v for r in a for k, v in r["statuses"].items() if k != "200"),
-                "errors": sum(r["errors"] for r in a + b),
+                "errors": sum(r["errors"] for r in a + b + h),
                 "runs": {"app": [_strip(r) for r in a], "baseline": [_strip(r) for r in b]},
             }
+            if h:
+                out[str(conns)].update({
+                    "healthz_rps": _summ(h, "rps"), "healthz_p99_ms": _summ(h, "p99_ms"),
+                    "healthz_ratio": _summ(a, "rps") / _summ(h, "rps"),
+                    "healthz_run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, h, strict=True)],
+                })
+                out[str(conns)]["runs"]["healthz"] = [_strip(r) for r in h]
     finally:
         out["app_exit"] = app.stop()[0]
         base.stop()
@@ -200,41 +152,55 @@ def _strip(r):
     return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
 
 
+BENCH_KEY = "bench-operator-key-0123456789abcdefghijklmnop"  # 40 characters: a valid API_KEYS entry
+
+
 def row_grpc(cfg):
-    """Row 2: GetBalance calls/s and p99 with 16 concurrent calls vs a constant servicer."""
+    """Row 2: GetBalance calls/s and p99, 16 concurrent calls: the service (auth off, on) vs bare and constant."""
     from grpcload import run_load
 
-    app = app_server("row2-app")
-    port = free_port()
-    base = ServerProcess("row2-baseline", ["bench/baseline_grpc.py", "--port", str(port)], [port])
+    servers = []
     try:
+        targets = []
+        for mode in ("constant", "bare"):
+            port = free_port()
+            servers.append(ServerProcess(f"row2-{mode}", ["bench/baseline_grpc.py", "--port", str(port),
+                                                          "--mode", mode], [port]))
+            targets.append((mode, f"{HOST}:{port}", None))
+        app = app_server("row2-app")
+        servers.append(app)
         RawHTTP(app.http_port).post("/api/wallet/deposit", {"user_id": "bench1", "amount": 100})
-        a, b = [], []
+        targets.append(("app", f"{HOST}:{app.grpc_port}", None))
+        secured = app_server("row2-app-auth", env={"API_KEYS": BENCH_KEY})
+        servers.append(secured)
+        targets.append(("app_auth", f"{HOST}:{secured.grpc_port}", BENCH_KEY))
+        runs = {kind: [] for kind, _, _ in targets}
         for i in range(cfg.runs):
-            for kind, target, dest in (("baseline", f"{HOST}:{port}", b), ("app", f"{HOST}:{app.grpc_port}", a)):
-                r = run_load(target, "bench1", concurrency=16, duration=cfg.duration)
-                dest.append(r)
+            for kind, target, token in targets:
+                r = run_load(target, "bench1", concurrency=16, duration=cfg.duration, token=token)
+                runs[kind].append(r)
                 log(f"  row 2 run {i + 1}: {kind:8} {r['rps']:7.0f} calls/s  p99 {r['p99_ms']:6.1f} ms  {r['codes']}")
-        return {
+        a, b = runs["app"], runs["constant"]
+        out = {
             "rps": _summ(a, "rps"), "p99_ms": _summ(a, "p99_ms"), "p50_ms": _summ(a, "p50_ms"),
             "baseline_rps": _summ(b, "rps"), "baseline_p99_ms": _summ(b, "p99_ms"),
             "ratio": _summ(a, "rps") / _summ(b, "rps"),
             "run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)],
-            "non_ok": sum(v for r in a for k, v in r["codes"].items() if k != "OK"),
-            "runs": {"app": [_strip(r) for r in a], "baseline": [_strip(r) for r in b]},
+            "non_ok": sum(v for kind in ("app", "app_auth") for r in runs[kind] for k, v in r["codes"].items()
+                          if k != "OK"),
+            "runs": {kind: [_strip(r) for r in rs] for kind, rs in runs.items()},
         }
+        bare = _summ(runs["bare"], "rps")
+        for kind in ("bare", "app_auth"):
+            out[kind] = {"rps": _summ(runs[kind], "rps"), "p99_ms": _summ(runs[kind], "p99_ms")}
+        out["bare_ratio"] = {"auth_off": out["rps"] / bare, "auth_on": out["app_auth"]["rps"] / bare}
+        out["bare_run_ratios"] = {
+            "auth_off": [x["rps"] / y["rps"] for x, y in zip(a, runs["bare"], strict=True)],
+            "auth_on": [x["rps"] / y["rps"] for x, y in zip(runs["app_auth"], runs["bare"], strict=True)]}
+        return out
     finally:
-        app.stop()
-        base.stop()
-
-
-def fanout_once(client, pool, marker, expected):
-    t0 = time.monotonic_ns()
-    status, _ = client.post("/api/games/outcomes", {"user_id": marker, "game": "slots", "bet": 0, "payout": 100})
-    times, live = pool.receipts(marker)
-    lat = sorted((t - t0) / 1e6 for t in times)
-    return {"status": status, "received": len(lat), "expected": live,
-            "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "max_ms": lat[-1] if lat else None}
+        for srv in servers:
+            srv.stop()
 
 
 def row_fanout(cfg):
@@ -401,7 +367,7 @@ def row_memory(cfg):
 
 
 ROWS = {1: ("http", row_http), 2: ("grpc", row_grpc), 3: ("fanout", row_fanout), 4: ("settle", row_settle),
-        5: ("stalled", row_stalled), 6: ("memory", row_memory)}
+        5: ("stalled", row_stalled), 6: ("memory", row_memory), **rows_more.ROWS}
 
 
 # -- report --------------------------------------------------------------------
@@ -433,11 +399,24 @@ def table(rows):
                          f" | {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.1f} ms"
                          f" | {r['baseline_rps']:,.0f} req/s, p99 {r['baseline_p99_ms']:.1f} ms (constant Flask route)"
                          f" | {r['ratio']:.2f} | ≥ 0.9 | {_ok(r['ratio'] >= 0.9)} |")
+            if "healthz_rps" in r:
+                lines.append(f"| 1 | deposit vs /healthz on the same server, {conns} connections (both logged)"
+                             f" | {r['rps']:,.0f} req/s | {r['healthz_rps']:,.0f} req/s,"
+                             f" p99 {r['healthz_p99_ms']:.1f} ms (/healthz) | {r['healthz_ratio']:.2f} | ≥ 0.9"
+                             f" | {_ok(r['healthz_ratio'] >= 0.9)} |")
     if "grpc" in rows:
         r = rows["grpc"]
         lines.append(f"| 2 | gRPC GetBalance, 16 concurrent calls | {r['rps']:,.0f} calls/s, p99 {r['p99_ms']:.1f} ms"
                      f" | {r['baseline_rps']:,.0f} calls/s, p99 {r['baseline_p99_ms']:.1f} ms (constant servicer)"
                      f" | {r['ratio']:.2f} | ≥ 0.9 | {_ok(r['ratio'] >= 0.9)} |")
+        if "bare_ratio" in r:
+            bare, secured = r["bare"], r["app_auth"]
+            for label, rps, p99, ratio in (("authentication off", r["rps"], r["p99_ms"], r["bare_ratio"]["auth_off"]),
+                                           ("authentication on", secured["rps"], secured["p99_ms"],
+                                            r["bare_ratio"]["auth_on"])):
+                lines.append(f"| 2 | gRPC GetBalance, every interceptor, {label} | {rps:,.0f} calls/s, p99 {p99:.1f} ms"
+                             f" | {bare['rps']:,.0f} calls/s, p99 {bare['p99_ms']:.1f} ms (bare WalletServicer, same"
+                             f" server setup) | {ratio:.2f} | ≥ 0.85 | {_ok(ratio >= 0.85)} |")
     if "fanout" in rows:
         f = rows["fanout"]
         for size, r in f["sizes"].items():
@@ -486,6 +465,7 @@ def table(rows):
         lines.append(f"| 6 | memory per user, 10 ledger entries | {m['bytes_per_user']:,.0f} B/user; 1,000,000 users ≈"
                      f" {m['total_1m_bytes'] / 2**30:.2f} GiB (RSS growth, {m['users']:,} users measured) | | |"
                      f" reported | |")
+    lines += rows_more.table_lines(rows)
     return "\n".join(lines)
 
 
@@ -533,6 +513,11 @@ def config(args):
         outcome_rate=5.0,
         stall_burst=600,
         memory_users=20_000 if quick else 200_000,
+        history_rounds=4000,
+        redis_duration=2.0 if quick else 3.0,
+        redis_cost_writes=200 if quick else 1000,
+        flood_samples=50 if quick else 100,
+        idem_records=20_000 if quick else 50_000,
     )
 
 

@@ -1,0 +1,318 @@
+"""Rows 7-9 of `make bench`: the event history, the state in Redis, and the hardening limits.
+
+Each row function takes the run's config and returns a dict of figures that run.py stores in results.json;
+`table_lines(rows)` renders them for BENCHMARKS.md.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+from client import HOST, RawHTTP, fanout_once
+from common import ROOT, app_server, median
+
+# Fan-out at 1,000 subscribers before the event history existed (commit 39fd923, the last recorded run
+# before issue 11): the reference for "fan-out latency unchanged within noise".
+PRE_HISTORY_FANOUT = {"commit": "39fd923", "p50_ms": 22.0, "p99_ms": 38.0}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def _summ(runs, key):
+    return median([r[key] for r in runs])
+
+
+def _strip(r):
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+
+
+# -- row 7: the event history ----------------------------------------------------------------------
+
+
+def row_history(cfg):
+    """Row 7: memory of the retained event history (tracemalloc), bytes per retained event."""
+    from inproc import in_fresh_process
+
+    from events import HISTORY
+
+    out = {"retained": HISTORY}
+    for label, subscriber in (("no_subscriber", False), ("frames_cached", True)):
+        full = in_fresh_process("history", retained=HISTORY, rounds=cfg.history_rounds, subscriber=subscriber)
+        one = in_fresh_process("history", retained=1, rounds=cfg.history_rounds, subscriber=subscriber)
+        cost = full["traced_bytes"] - one["traced_bytes"]
+        out[label] = {"history_bytes": cost, "bytes_per_event": cost / (HISTORY - 1),
+                      "events_published": full["events"], "traced_full": full["traced_bytes"],
+                      "traced_one": one["traced_bytes"]}
+        log(f"  row 7: {label}: {HISTORY:,} retained events cost {cost / 2**20:.2f} MiB,"
+            f" {cost / (HISTORY - 1):.0f} B per event ({full['events']:,} events published)")
+    return out
+
+
+# -- row 8: Redis ------------------------------------------------------------------------------------
+
+
+def fanout_at(app, size, outcomes, cfg, label):
+    """Connect `size` subscribers to game_outcomes, post `outcomes` outcomes one at a time, time each arrival."""
+    from wsclients import SubscriberPool
+
+    pool = SubscriberPool(HOST, app.http_port, processes=cfg.ws_procs)
+    client = RawHTTP(app.http_port)
+    try:
+        connected = 0
+        t = time.monotonic()
+        while connected < size:
+            step = min(500, size - connected)
+            r = pool.connect(step, "events=game_outcomes", timeout=60)
+            connected += r["live"]
+            if r["live"] < step:
+                log(f"  {label}: only {r['live']} of {step} connections went live (failed {r['failed']})")
+                break
+        connect_s = time.monotonic() - t
+        time.sleep(1.0)
+        results = []
+        for k in range(outcomes):
+            o = fanout_once(client, pool, f"{label}x{k}", connected)
+            results.append(o)
+            log(f"  {label}: {connected} subs, outcome {k + 1}: received {o['received']}/{o['expected']}"
+                f"  p50 {o['p50_ms']:.1f}  p99 {o['p99_ms']:.1f}  max {o['max_ms']:.1f} ms")
+            time.sleep(cfg.fanout_pause)
+        res = {"connected": connected, "connect_seconds": round(connect_s, 1), "outcomes": results,
+               "all_delivered": all(o["received"] == o["expected"] == connected for o in results)}
+        for key in ("p50_ms", "p99_ms", "max_ms"):
+            res[key] = median([o[key] for o in results if o[key] is not None])
+        return res
+    finally:
+        client.close()
+        pool.stop()
+
+
+def deposit_requests(n, prefix):
+    from httpload import build_request
+
+    return [build_request("POST", "/api/wallet/deposit", HOST, {"user_id": f"{prefix}{i}", "amount": 1})
+            for i in range(n)]
+
+
+def row_redis(cfg):
+    """Row 8: deposits on Redis vs in memory, /healthz on each, two processes vs one, fan-out, cost per write."""
+    from httpload import build_request, run_load, run_load_many
+    from inproc import in_fresh_process
+    from redisproc import RedisProcess
+
+    rp = RedisProcess("row8-redis")
+    servers = []
+    out = {"redis_persistence": "appendonly yes, appendfsync always" if rp.persistent else "none"}
+    try:
+        mem = app_server("row8-memory")
+        servers.append(mem)
+        redis_args = ("--redis-url", rp.url, "--redis-prefix", "bench:")
+        red = app_server("row8-redis-1", *redis_args)
+        servers.append(red)
+        n = cfg.conns[0]
+        deposits = deposit_requests(n, prefix="r")
+        healthz = [build_request("GET", "/healthz", HOST)] * n
+        kinds = (("memory", mem, deposits), ("memory_healthz", mem, healthz),
+                 ("redis", red, deposits), ("redis_healthz", red, healthz))
+        runs = {kind: [] for kind, _, _ in kinds}
+        for i in range(cfg.runs):
+            for kind, srv, reqs in kinds:
+                r = run_load(HOST, srv.http_port, reqs, duration=cfg.redis_duration, processes=cfg.loadgen_procs)
+                runs[kind].append(r)
+                log(f"  row 8 run {i + 1}: {kind:15} {n} conns: {r['rps']:7.0f} req/s  p99 {r['p99_ms']:6.1f} ms"
+                    f"  statuses {r['statuses']}")
+        for kind, _, _ in kinds:
+            out[kind] = {"rps": _summ(runs[kind], "rps"), "p99_ms": _summ(runs[kind], "p99_ms"),
+                         "p50_ms": _summ(runs[kind], "p50_ms"), "runs": [_strip(r) for r in runs[kind]],
+                         "non_200": sum(v for r in runs[kind] for k, v in r["statuses"].items() if k != "200")}
+        out["redis_vs_memory"] = out["redis"]["rps"] / out["memory"]["rps"]
+        out["deposit_vs_healthz"] = {"memory": out["memory"]["rps"] / out["memory_healthz"]["rps"],
+                                     "redis": out["redis"]["rps"] / out["redis_healthz"]["rps"]}
+
+        # Two service processes on one Redis against one; the load comes from two generator processes in both
+        # cases (half the connections each), so only the number of service processes differs.
+        red2 = app_server("row8-redis-2", *redis_args)
+        servers.append(red2)
+        half = n // 2
+        one, two = [], []
+        for i in range(cfg.runs):
+            r1 = run_load_many([(HOST, red.http_port, deposits[:half]), (HOST, red.http_port, deposits[half:])],
+                               duration=cfg.redis_duration)
+            r2 = run_load_many([(HOST, red.http_port, deposits[:half]), (HOST, red2.http_port, deposits[half:])],
+                               duration=cfg.redis_duration)
+            one.append(r1)
+            two.append(r2)
+            log(f"  row 8 run {i + 1}: one process {r1['rps']:7.0f} req/s (p99 {r1['p99_ms']:.1f} ms),"
+                f" two processes {r2['rps']:7.0f} req/s (p99 {r2['p99_ms']:.1f} ms)")
+        out["one_process"] = {"rps": _summ(one, "rps"), "p99_ms": _summ(one, "p99_ms"),
+                              "runs": [_strip(r) for r in one]}
+        out["two_processes"] = {"rps": _summ(two, "rps"), "p99_ms": _summ(two, "p99_ms"),
+                                "runs": [_strip(r) for r in two]}
+        out["two_vs_one"] = out["two_processes"]["rps"] / out["one_process"]["rps"]
+        out["redis_server_cpu_seconds"] = _cpu_seconds(rp.pid)
+        red2.stop()
+
+        out["cost"] = in_fresh_process("redis_cost", url=rp.url, writes=cfg.redis_cost_writes)
+        d = out["cost"]["deposit"]
+        log(f"  row 8: one deposit = {d['commands_per_write']:.1f} Redis commands in"
+            f" {d['round_trips_per_write']:.1f} round trip(s)")
+
+        out["fanout_memory"] = fanout_at(mem, 1000, cfg.fanout_outcomes, cfg, "row8-fan-memory")
+        out["fanout_redis"] = fanout_at(red, 1000, cfg.fanout_outcomes, cfg, "row8-fan-redis")
+        fm, fr = out["fanout_memory"], out["fanout_redis"]
+        out["fanout_ratio"] = fr["p99_ms"] / fm["p99_ms"] if fm["p99_ms"] and fr["p99_ms"] else None
+    finally:
+        for srv in servers:
+            srv.stop()
+        rp.stop()
+    return out
+
+
+def _cpu_seconds(pid):
+    """User + system CPU seconds of a process so far, from /proc/PID/stat."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- row 9: hardening ------------------------------------------------------------------------------
+
+
+def _flood(part, *args, timeout=240):
+    """Run one part of bench/flood.py (H1's flood tool) in its own process; its JSON report."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "bench/flood.py", "--part", part, *args, "--out", f.name]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"flood.py --part {part} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        return json.loads(open(f.name).read())
+
+
+def row_hardening(cfg):
+    """Row 9: /healthz with idle connections, recovery after a 2 x cap flood, idempotency memory, parser cost."""
+    from inproc import in_fresh_process
+
+    import http_server
+
+    cap = http_server.DEFAULT_MAX_CONNECTIONS
+    out = {"cap": cap}
+    counts = sorted({0, 1000, 5000, cap})
+    # The server's cap is set above the largest count so that every count is held (not shed), and the probes
+    # still get in; "cap" idle connections is then the default cap's worth.
+    idle = _flood("idle", "--counts", ",".join(map(str, counts)), "--max-connections", str(max(counts) + 20),
+                  "--samples", str(cfg.flood_samples))
+    out["idle"] = idle["idle"]
+    for r in out["idle"]:
+        log(f"  row 9: {r['idle']:5} idle connections: /healthz keep-alive p50 {r['keepalive_ms']['p50']} /"
+            f" p99 {r['keepalive_ms']['p99']} ms, new connection p50 {r['fresh_connection_ms']['p50']} /"
+            f" p99 {r['fresh_connection_ms']['p99']} ms ({r['server_threads']} threads)")
+    rec = _flood("recovery", "--max-connections", str(cap))
+    out["recovery"] = rec["recovery"]
+    log(f"  row 9: flood of {rec['recovery']['flood']} (cap {cap}) dropped: /healthz under 100 ms after"
+        f" {rec['recovery']['healthz_under_100ms_after_s']} s, threads back after"
+        f" {rec['recovery']['threads_back_to_rest_s']} s")
+    out["parser"] = _flood("parser")["parser"]
+    log(f"  row 9: parse one request head: {out['parser']}")
+    keyed = in_fresh_process("idempotency", records=cfg.idem_records, keyed=True)
+    plain = in_fresh_process("idempotency", records=cfg.idem_records, keyed=False)
+    out["idempotency"] = {"records": cfg.idem_records,
+                          "bytes_per_record": (keyed["traced_bytes"] - plain["traced_bytes"]) / cfg.idem_records,
+                          "bytes_per_user_without_key": plain["traced_bytes"] / cfg.idem_records}
+    out["idempotency"]["cap_1m_mib"] = out["idempotency"]["bytes_per_record"] * 1_000_000 / 2**20
+    log(f"  row 9: {out['idempotency']['bytes_per_record']:.0f} B per idempotency record"
+        f" (1,000,000 keys ≈ {out['idempotency']['cap_1m_mib']:.0f} MiB)")
+    return out
+
+
+ROWS = {7: ("history", row_history), 8: ("redis", row_redis), 9: ("hardening", row_hardening)}
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+def _ok(flag):
+    return "yes" if flag else "**no**"
+
+
+def _ms(value):
+    return "–" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def table_lines(rows):
+    lines = []
+    if "history" in rows:
+        h = rows["history"]
+        a, b = h["no_subscriber"], h["frames_cached"]
+        lines.append(f"| 7 | event history, {h['retained']:,} retained events (tracemalloc)"
+                     f" | {a['bytes_per_event']:.0f} B per event, {a['history_bytes'] / 2**20:.1f} MiB in all;"
+                     f" {b['bytes_per_event']:.0f} B /"
+                     f" {b['history_bytes'] / 2**20:.1f} MiB with a subscriber (frames kept on the events)"
+                     f" | | | bounded, reported | yes |")
+    fan = rows.get("fanout", {}).get("sizes", {}).get("1000")
+    if fan and fan.get("p99_ms") is not None:
+        ref = PRE_HISTORY_FANOUT
+        ratio = fan["p99_ms"] / ref["p99_ms"]
+        lines.append(f"| 7 | fan-out to 1,000 subscribers with the history (row 3) | p50 {_ms(fan['p50_ms'])} /"
+                     f" p99 {_ms(fan['p99_ms'])} ms | p50 {_ms(ref['p50_ms'])} / p99 {_ms(ref['p99_ms'])} ms before it"
+                     f" (commit {ref['commit']}, an earlier run) | {ratio:.2f} | unchanged within noise (≤ 1.3)"
+                     f" | {_ok(ratio <= 1.3)} |")
+    if "redis" in rows:
+        r = rows["redis"]
+        m, d = r["memory"], r["redis"]
+        lines.append(f"| 8 | deposit on Redis, one process, 16 connections | {d['rps']:,.0f} req/s, p99"
+                     f" {_ms(d['p99_ms'])} ms | {m['rps']:,.0f} req/s, p99 {_ms(m['p99_ms'])} ms (in memory)"
+                     f" | {r['redis_vs_memory']:.2f} | ≥ 0.7 | {_ok(r['redis_vs_memory'] >= 0.7)} |")
+        one, two = r["one_process"], r["two_processes"]
+        lines.append(f"| 8 | deposit on Redis, two processes (8 + 8 connections) | {two['rps']:,.0f} req/s, p99"
+                     f" {_ms(two['p99_ms'])} ms | {one['rps']:,.0f} req/s, p99 {_ms(one['p99_ms'])} ms (one process,"
+                     f" 16 connections) | {r['two_vs_one']:.2f} | ≥ 1.3 | {_ok(r['two_vs_one'] >= 1.3)} |")
+        fm, fr = r["fanout_memory"], r["fanout_redis"]
+        if r.get("fanout_ratio") is not None:
+            met = r["fanout_ratio"] <= 1.5 and fr["all_delivered"] and fr["p99_ms"] <= 75
+            lines.append(f"| 8 | fan-out to 1,000 subscribers on Redis | p50 {_ms(fr['p50_ms'])} / p99"
+                         f" {_ms(fr['p99_ms'])} ms | p50 {_ms(fm['p50_ms'])} / p99 {_ms(fm['p99_ms'])} ms (in memory,"
+                         f" same row) | {r['fanout_ratio']:.2f} | ≤ 1.5; p99 ≤ 75 ms | {_ok(met)} |")
+        c = r["cost"]
+        lines.append(f"| 8 | Redis work per write | deposit: {c['deposit']['commands_per_write']:.0f} commands,"
+                     f" {c['deposit']['round_trips_per_write']:.0f} round trip; settle:"
+                     f" {c['settle']['commands_per_write']:.0f} commands, {c['settle']['round_trips_per_write']:.0f}"
+                     f" round trip | | | reported | |")
+        mh, rh = r["memory_healthz"], r["redis_healthz"]
+        dv = r["deposit_vs_healthz"]
+        lines.append(f"| 8 | deposit vs /healthz, same server, 16 connections, in memory | {m['rps']:,.0f} req/s"
+                     f" | {mh['rps']:,.0f} req/s, p99 {_ms(mh['p99_ms'])} ms (/healthz) | {dv['memory']:.2f} | ≥ 0.9"
+                     f" | {_ok(dv['memory'] >= 0.9)} |")
+        lines.append(f"| 8 | deposit vs /healthz, same server, 16 connections, on Redis | {d['rps']:,.0f} req/s"
+                     f" | {rh['rps']:,.0f} req/s, p99 {_ms(rh['p99_ms'])} ms (/healthz) | {dv['redis']:.2f} | ≥ 0.9"
+                     f" | {_ok(dv['redis'] >= 0.9)} |")
+    if "hardening" in rows:
+        h = rows["hardening"]
+        cap = h["cap"]
+        for r in h["idle"]:
+            n = r["idle"]
+            name = f"{n:,}" + (" (the default cap)" if n == cap else "")
+            k, f = r["keepalive_ms"], r["fresh_connection_ms"]
+            lines.append(f"| 9 | /healthz with {name} idle connections | p50 {_ms(k['p50'])} / p99 {_ms(k['p99'])} ms"
+                         f" (keep-alive); new connection p50 {_ms(f['p50'])} / p99 {_ms(f['p99'])} ms;"
+                         f" {r['server_threads']:,} threads | | | p99 < 100 ms"
+                         f" | {_ok(k['p99'] < 100 and f['p99'] < 100)} |")
+        rec = h["recovery"]
+        after = rec["healthz_under_100ms_after_s"]
+        lines.append(f"| 9 | recovery after a flood of {rec['flood']:,} connections (2 × cap, half WebSocket upgrades)"
+                     f" | /healthz under 100 ms {after} s after the drop; threads back to rest after"
+                     f" {rec['threads_back_to_rest_s']} s; {rec['shed_503_seen']:,} shed with 503 | | | ≤ 10 s"
+                     f" | {_ok(after is not None and after <= 10)} |")
+        i = h["idempotency"]
+        lines.append(f"| 9 | memory per idempotency record (in memory, tracemalloc) | {i['bytes_per_record']:.0f} B;"
+                     f" the 1,000,000-key cap ≈ {i['cap_1m_mib']:.0f} MiB | 694 B (before the hardening issue)"
+                     f" | {i['bytes_per_record'] / 694:.2f} | reported | |")
+        p = h["parser"]
+        lines.append(f"| 9 | parse one request head (9 fields) | strict parser {p['strict_us']:.1f} µs"
+                     f" | h11 {p['h11_us']:.1f} µs; http.server {p['http.server_us']:.1f} µs"
+                     f" | {p['strict_us'] / p['http.server_us']:.2f} (vs http.server) | reported | |")
+    return lines
