@@ -201,8 +201,9 @@ class Adapter:
     Used internals: the library's `event` (its reader sets it on every input and state change, so one
     wait covers client messages and our own wake-ups), `input_buffer` (messages are taken without the
     blocking receive(), which clears `event` and could swallow a wake-up; its length shows a flooder),
-    `connected` and `thread`. Event frames bypass the library: they are encoded once per event and
-    written to the socket directly.
+    `connected` and `thread`. The library reads and writes through the `_SerialSocket` put in its
+    environ: writes are serialized there, and at shutdown its reads stop there. Event frames bypass
+    the library: they are encoded once per event and written to the socket directly.
     """
 
     def __init__(self, environ: dict) -> None:
