@@ -36,7 +36,7 @@ from errors import CODE_OF_STATUS, error_json
 log = logging.getLogger("wallet.http")
 
 UPGRADED = "http_server.upgraded"  # environ key the app sets to True once it has taken the socket
-DEFAULT_MAX_CONNECTIONS = 4000  # measured with bench/flood.py, see README "Connection limits"
+DEFAULT_MAX_CONNECTIONS = 2000  # measured with bench/flood.py, see README "Connection limits"
 HEAD_TIMEOUT = 10.0  # seconds for a whole request head, from the connection or the previous response
 MAX_HEAD = 64 * 1024  # bytes of request line and header fields together
 MAX_FIELDS = 100

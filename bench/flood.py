@@ -145,7 +145,7 @@ def ws_request():
             b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
-def part_recovery(max_connections, factor=2):
+def part_recovery(max_connections, factor=2, ws_share=0.5):
     """A flood of factor x cap connections (half WebSocket upgrades) held, then dropped at once."""
     srv = start(max_connections)
     try:
@@ -154,8 +154,9 @@ def part_recovery(max_connections, factor=2):
         socks = open_idle(srv.http_port, total)
         time.sleep(0.5)  # let the non-blocking connects complete before writing
         sent = 0
+        every = round(1 / ws_share) if ws_share else 0
         for i, s in enumerate(socks):
-            if i % 2 == 0:
+            if every and i % every == 0:
                 try:
                     s.send(ws_request())
                     sent += 1
@@ -241,6 +242,7 @@ def main():
     parser.add_argument("--max-connections", type=int, default=http_server.DEFAULT_MAX_CONNECTIONS)
     parser.add_argument("--counts", default=None, help="idle connection counts, comma-separated")
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--ws-share", type=float, default=0.5, help="share of the flood that asks for a WebSocket")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     raise_nofile()
@@ -252,7 +254,7 @@ def main():
         counts = [int(c) for c in args.counts.split(",")] if args.counts else [0, 1000, min(5000, cap - 10), cap - 10]
         report["idle"] = part_idle(counts, cap, args.samples)
     if args.part in ("recovery", "all"):
-        report["recovery"] = part_recovery(cap)
+        report["recovery"] = part_recovery(cap, ws_share=args.ws_share)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
