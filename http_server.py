@@ -44,11 +44,6 @@ MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions, or one trailer f
 LINGER = 2.0  # seconds to read and discard what a refused client still sends, so it sees our answer
 ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
-# TEMPORARY compatibility with the app before it moved to UPGRADED and `Connection: close`;
-# remove once ws.py and routes.py no longer set these keys.
-_OLD_UPGRADED = "wallet.websocket"
-_OLD_CLOSE = "wallet.close_connection"
-
 _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x22\x24-\x7e]+) HTTP/([0-9])\.([0-9])")
 # field-name ":" OWS field-value OWS; a value is visible characters (obs-text too) with inner spaces.
@@ -339,7 +334,7 @@ class _Environ(dict):
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
-        if (key == UPGRADED or key == _OLD_UPGRADED) and value:
+        if key == UPGRADED and value:
             self.on_upgrade()
 
 
@@ -414,7 +409,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 if hasattr(result, "close"):
                     result.close()
         except Exception:
-            if environ.get(UPGRADED) or environ.get(_OLD_UPGRADED):
+            if environ.get(UPGRADED):
                 log.exception("unhandled error in the WSGI app after an upgrade")
                 return False
             if body.failed:
@@ -423,11 +418,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             log.exception("unhandled error in the WSGI app")
             response[:] = ["500 Internal Server Error", [("Content-Type", "application/json")]]
             payload = error_json("internal_error", "internal server error")
-        if environ.get(UPGRADED) or environ.get(_OLD_UPGRADED):
+        if environ.get(UPGRADED):
             return False  # the socket belongs to the app's protocol, which has ended: close it
         status, headers = response
-        close = (not request.keep_alive or self.server.draining or not body.complete
-                 or bool(environ.get(_OLD_CLOSE)))
+        close = not request.keep_alive or self.server.draining or not body.complete
         for name, value in headers:
             if name.lower() == "connection" and "close" in value.lower():
                 close = True
@@ -494,6 +488,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _send_continue(self) -> None:
         self.send_response_only(100)
         self.end_headers()
+        self.connection.settimeout(self.server.head_timeout)
         self.wfile.flush()
 
     def _respond(self, status: str, headers: Iterable[tuple[str, str]], payload: bytes, close: bool) -> None:
