@@ -3,7 +3,7 @@
 Every figure is the median of several runs; every throughput is a ratio against a baseline measured
 in the same run on the same machine. Load generators run in their own processes. See BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py               # everything (about 5 minutes on 2 cores)
+    .venv/bin/python bench/run.py               # everything (about 8 minutes on 2 cores)
     .venv/bin/python bench/run.py --rows 1,4    # some rows only (results.json/BENCHMARKS.md untouched)
     .venv/bin/python bench/run.py --quick       # short smoke run of everything (not recorded either)
 """
@@ -498,7 +498,7 @@ def config(args):
     quick = args.quick
     return argparse.Namespace(
         runs=args.runs or (1 if quick else 3),
-        duration=2.0 if quick else 5.0,
+        duration=2.0 if quick else 4.0,
         conns=(16, 64),
         loadgen_procs=1,
         ws_procs=4,
