@@ -396,15 +396,17 @@ class RequestHandler(BaseHTTPRequestHandler):
                     self._send_continue if request.expect_continue else None)
         environ = self._environ(request, body)
         response: list[Any] = []
+        written: list[bytes] = []  # the legacy write() callable's data, sent before the returned body
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
             response[:] = [status, headers]
-            return lambda data: None  # write() is not used by the app: bodies are returned
+            return written.append
 
         try:
             result = self.server.app(environ, start_response)
             try:
-                payload = b"".join(result)
+                returned = b"".join(result)
+                payload = b"".join(written) + returned
             finally:
                 if hasattr(result, "close"):
                     result.close()

@@ -848,3 +848,33 @@ def test_pipelined_deposits_on_one_connection_each_apply_once(server, uid):
 def test_date_header_on_the_services_answers(server):
     reply, _ = exchange(server.http_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert b"\r\nDate: " in reply and reply.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_the_write_callable_of_start_response_is_sent_before_the_returned_body(harness):
+    def legacy(environ, start_response):
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written ")
+        return [b"returned"]
+
+    h = harness(legacy)
+    with h.connect() as s:
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s, bytearray())[2] == b"written returned"
+
+
+def test_drain_with_many_idle_keep_alive_connections_is_prompt(harness):
+    h = harness(echo_app)
+    idle = []
+    for _ in range(200):
+        s = h.connect()
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_response(s, bytearray())
+        idle.append(s)
+    h.server.shutdown()
+    h.server.server_close()
+    start = time.monotonic()
+    assert h.server.drain(2) is True
+    assert all(closed(s, 1) for s in idle) and time.monotonic() - start < 1
+    wait_for(lambda: h.server.connection_count() == 0, timeout=2, message="every connection released")
+    for s in idle:
+        s.close()
