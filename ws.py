@@ -1,5 +1,9 @@
 """The /ws endpoint: CONTRACT.md section 4 (and the WebSocket parts of sections 3 and 8).
 
+flask-sock routes and accepts the WebSocket: this module's blueprint owns the /ws routes, its
+`before_request` does what must precede the 101 (origin rule, socket options, the serialized socket),
+flask-sock builds simple-websocket's Server and calls `websocket(ws)`, which serves the connection.
+
 Threads of one connection: the request's handler thread runs `Connection.run` (it reads client
 messages and is the one writer of queued frames), simple-websocket's reader thread (it reassembles
 messages, answers pings, sends ours, completes the closing handshake) and, shared by all, the hub's
@@ -20,7 +24,8 @@ from collections import deque
 from collections.abc import Callable
 
 import simple_websocket
-from flask import Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
+from flask_sock import Sock
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 import http_server
@@ -198,27 +203,44 @@ class HandshakeError(Exception):
 class Adapter:
     """One upgraded connection; the only code that knows simple-websocket (1.1) beyond its public API.
 
-    Used internals: the library's `event` (its reader sets it on every input and state change, so one
-    wait covers client messages and our own wake-ups), `input_buffer` (messages are taken without the
-    blocking receive(), which clears `event` and could swallow a wake-up; its length shows a flooder),
-    `connected` and `thread`. The library reads and writes through the `_SerialSocket` put in its
-    environ: writes are serialized there, and at shutdown its reads stop there. Event frames bypass
-    the library: they are encoded once per event and written to the socket directly.
+    flask-sock builds the library's `Server` from the request's environ and hands it to the handler;
+    `prepare` runs before that, so the library finds a `_SerialSocket` where it looks for the socket
+    (`environ["werkzeug.socket"]`) and does all its reading and writing through it: writes are
+    serialized there, and at shutdown its reads stop there. Used internals of the `Server` (`ws`): its
+    `sock`, `event` (its reader sets it on every input and state change, so one wait covers client
+    messages and our own wake-ups), `input_buffer` (messages are taken without the blocking receive(),
+    which clears `event` and could swallow a wake-up; its length shows a flooder), `connected` and
+    `thread`. Event frames bypass the library: they are encoded once per event and written to the
+    socket directly.
     """
 
-    def __init__(self, environ: dict) -> None:
-        raw = environ["werkzeug.socket"]
+    # What the library's Server raises for a request it cannot upgrade (nothing has been written yet).
+    HANDSHAKE_ERRORS: tuple[type[Exception], ...] = (
+        HandshakeError, simple_websocket.ConnectionError, RemoteProtocolError, LocalProtocolError)
+
+    @staticmethod
+    def server_options() -> dict:
+        """flask-sock's SOCK_SERVER_OPTIONS. The library's own size limit counts characters, not bytes:
+        `Connection.run` checks the 4 KiB in bytes as well."""
+        return {"ping_interval": PING_INTERVAL, "max_message_size": MAX_MESSAGE_BYTES}
+
+    @staticmethod
+    def prepare(environ: dict) -> None:
+        """Before flask-sock constructs the Server: the socket options of a WebSocket, one writer lock."""
+        raw = environ.get("werkzeug.socket")
+        if raw is None:
+            raise HandshakeError("this server does not hand over its sockets")
         raw.settimeout(None)  # a WebSocket may stay idle as long as it likes; pings watch it
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        self.sock = environ["werkzeug.socket"] = _SerialSocket(raw)
+        environ["werkzeug.socket"] = _SerialSocket(raw)
         # We write frames ourselves, so no extension (per-message deflate) may be negotiated.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-        try:
-            self._ws = simple_websocket.Server(environ, ping_interval=PING_INTERVAL,
-                                               max_message_size=MAX_MESSAGE_BYTES)
-        except (simple_websocket.ConnectionError, RemoteProtocolError, LocalProtocolError) as exc:
-            raise HandshakeError(str(exc)) from None
-        environ[UPGRADED] = True
+
+    def __init__(self, ws: simple_websocket.Server) -> None:
+        if not isinstance(ws.sock, _SerialSocket):
+            raise RuntimeError("the WebSocket's socket was not prepared (Adapter.prepare)")
+        self._ws = ws
+        self.sock: _SerialSocket = ws.sock
 
     @property
     def connected(self) -> bool:
@@ -273,6 +295,11 @@ class Adapter:
 
     def close_now(self, code: int, reason: str) -> bool:
         return self.sock.close_now(code, reason)
+
+    def end(self) -> None:
+        """The handler is done: nothing more goes out. flask-sock calls `ws.close()` after the handler,
+        which would otherwise wait up to STALL_TIMEOUT on a client that stopped reading."""
+        self.sock.close_sent = True
 
 
 # -- one connection ------------------------------------------------------------------------------
@@ -622,24 +649,58 @@ def _principal(auth: object) -> object:
     return auth.authenticate(credential)
 
 
-def plain_request() -> Response:
-    return _json(400, "invalid_request", "this endpoint only accepts WebSocket upgrades")
+# flask-sock routes and accepts the WebSocket (examples/blueprints): this module owns the blueprint and
+# its routes, `register` installs them. Endpoint names start with "websocket" (test_openapi skips them).
+sock = Sock()
+bp = Blueprint("websocket", __name__)
 
 
-def websocket() -> Response:
-    """GET /ws: upgrade, authenticate, apply the query's subscription, then serve the connection."""
+@bp.before_request
+def _before_upgrade() -> Response | None:
+    """What must happen before flask-sock answers 101: the origin rule, then the socket made ready."""
+    rule = request.url_rule
+    if rule is None or not rule.websocket:
+        return None  # a plain request to /ws: plain_request answers it
     environ = request.environ
     if not origins.origin_allowed(environ, current_app.config.get("ALLOWED_ORIGINS", ())):
         log.info("ws refused: cross-origin handshake from %s", printable(environ.get("HTTP_ORIGIN", "")))
         return _json(403, "forbidden", "cross-origin WebSocket connections are not allowed from this origin")
+    try:
+        Adapter.prepare(environ)
+    except HandshakeError as exc:
+        return _handshake_failed(exc)
+    return None
+
+
+def _handshake_failed(exc: Exception) -> Response:
+    """The library could not upgrade the request (raised from flask-sock's Server(...), nothing written)."""
+    if request.environ.get(UPGRADED):  # raised after the upgrade: a bug, not a client's handshake
+        log.error("ws: WebSocket protocol error after the upgrade", exc_info=exc)
+        return Response(status=500)  # never written: the socket is no longer the HTTP server's
+    log.info("ws refused: invalid WebSocket handshake: %s", printable(str(exc)))
+    response = _json(400, "invalid_request", "invalid WebSocket handshake")
+    response.headers["Connection"] = "close"  # the socket's options were already changed for a WebSocket
+    return response
+
+
+for _error in Adapter.HANDSHAKE_ERRORS:
+    bp.register_error_handler(_error, _handshake_failed)
+
+
+def plain_request() -> Response:
+    return _json(400, "invalid_request", "this endpoint only accepts WebSocket upgrades")
+
+
+def websocket(ws: simple_websocket.Server) -> None:
+    """A WebSocket accepted by flask-sock: authenticate, apply the query's subscription, then serve it."""
+    environ = request.environ
+    # The 101 is out. flask-sock returns a plain response after this handler: with this mark the HTTP
+    # server writes none of it and closes the socket (a failed handshake never gets here, so its 400 is
+    # still written).
+    environ[UPGRADED] = True
     extensions = current_app.extensions
     hub, registry = extensions["wallet.hub"], extensions["wallet.ws"]
-    try:
-        adapter = Adapter(environ)
-    except HandshakeError:
-        response = _json(400, "invalid_request", "invalid WebSocket handshake")
-        response.headers["Connection"] = "close"  # the socket's options were already changed for a WebSocket
-        return response
+    adapter = Adapter(ws)
     peer = f"{request.remote_addr}:{environ.get('REMOTE_PORT')}"
     conn = Connection(adapter, hub, extensions.get("wallet.store"), None, peer)
     outcome = "error"
@@ -651,10 +712,18 @@ def websocket() -> Response:
     except OSError:
         outcome = "connection lost"
     finally:
+        adapter.end()
         registry.discard(conn)
         hub.disconnect(conn)
         log.info("ws %s disconnected (%s)", peer, outcome)
-    return Response(status=101)  # never written: the socket is no longer the HTTP server's
+
+
+# Werkzeug routes upgrade requests only to rules marked websocket (flask-sock marks its own); a plain
+# request to the same path gets the other rule. flask-sock makes a new view per route, hence an
+# endpoint per path.
+for _path, _endpoint in (("/ws", "connect"), ("/ws/", "connect_slash")):
+    sock.route(_path, bp=bp, endpoint=_endpoint, methods=["GET"])(websocket)
+    bp.add_url_rule(_path, "plain", plain_request, methods=["GET"])
 
 
 def _serve(conn: Connection, auth: object) -> str:
@@ -701,13 +770,13 @@ def register(app: Flask) -> Registry:
 
     At request time the hub and the store come from `app.extensions["wallet.hub"]` / `["wallet.store"]`,
     the authenticator from `["wallet.auth"]` (absent or disabled: authentication off), the allowed
-    origins from `app.config["ALLOWED_ORIGINS"]` (normalized, see origins.parse_allowed). At shutdown
+    origins from `app.config["ALLOWED_ORIGINS"]` (normalized, see origins.parse_allowed), and flask-sock's
+    options from `app.config["SOCK_SERVER_OPTIONS"]` (ours, unless the app set them first). At shutdown
     call `registry.close_all(1001)`, then poll `registry.count()` for as long as the budget allows.
     """
     registry = Registry()
     app.extensions["wallet.ws"] = registry
-    for path in ("/ws", "/ws/"):
-        # Werkzeug routes upgrade requests only to rules marked websocket; a plain request gets the other.
-        app.add_url_rule(path, "websocket", websocket, methods=["GET"], websocket=True)
-        app.add_url_rule(path, "websocket_plain", plain_request, methods=["GET"])
+    app.config["SOCK_SERVER_OPTIONS"] = {**Adapter.server_options(), **app.config.get("SOCK_SERVER_OPTIONS", {})}
+    sock.init_app(app)
+    app.register_blueprint(bp)
     return registry

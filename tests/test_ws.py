@@ -1018,7 +1018,7 @@ TOKEN_SECRET = "s" * 40
 
 
 class InProcess:
-    def __init__(self, auth=None, allowed_origins=()):
+    def __init__(self, auth=None, allowed_origins=(), config=None):
         from flask import Flask
 
         import http_server
@@ -1031,6 +1031,8 @@ class InProcess:
         self.auth = auth
         app = Flask("ws-test")
         app.config["ALLOWED_ORIGINS"] = frozenset(allowed_origins)
+        app.config.update(config or {})
+        self.app = app
         app.extensions.update({"wallet.hub": self.hub, "wallet.store": self.store, "wallet.auth": auth})
         self.registry = ws.register(app)
         sock = http_server.bind("127.0.0.1", 0)
@@ -1173,6 +1175,40 @@ def test_cross_origin_handshake_is_refused_403_before_any_upgrade(inproc):
         status, _ = raw_handshake(srv.ws_url, origin)
         assert status == 101, origin
     assert srv.registry.count() == 0 or wait_for(lambda: srv.registry.count() == 0, message="handshakes ended")
+
+
+def test_flask_sock_accepts_the_websocket_with_the_apps_server_options(inproc):
+    import ws
+
+    srv = inproc(config={"SOCK_SERVER_OPTIONS": {"ping_interval": 0.2}})
+    view = srv.app.view_functions["websocket.connect"]
+    assert view.__wrapped__ is ws.websocket and "flask_sock" in view.__code__.co_filename
+    assert srv.app.config["SOCK_SERVER_OPTIONS"] == {"ping_interval": 0.2, "max_message_size": MAX_MESSAGE}
+    client = RawWebSocket(srv.ws_url)  # no subscription: nothing is sent but the library's pings
+    try:
+        assert client.frame() == (9, b"")
+        client.sock.sendall(bytes([0x8A, 0x80]) + b"\0\0\0\0")  # masked pong: else the next is a 1008
+        assert client.frame() == (9, b"")
+    finally:
+        client.close()
+
+
+def test_nothing_follows_the_close_frame(inproc):
+    """flask-sock returns an HTTP response after the handler; none of it reaches the upgraded socket."""
+    srv = inproc()
+    client = RawWebSocket(srv.ws_url + "?events=nope")
+    try:
+        opcode, payload = client.frame()
+        assert opcode == 1 and json.loads(payload)["error"] == "invalid_request"
+        opcode, payload = client.frame()
+        assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1008
+        client.sock.sendall(bytes([0x88, 0x82]) + b"\0\0\0\0" + struct.pack("!H", 1008))  # masked reply
+        rest = client.buffer
+        while chunk := client.sock.recv(65536):
+            rest += chunk
+        assert rest == b"", rest
+    finally:
+        client.close()
 
 
 def test_history_reset_closes_subscribers_with_1011_and_they_recover_after(inproc, connect):
