@@ -1,7 +1,10 @@
 """Threaded HTTP/1.1 server for a WSGI app: strict framing, a connection cap, head timeouts, drain.
 
-One thread per connection, so a long-lived upgraded connection (a WebSocket) never starves plain
-HTTP; the accepting thread refuses connections past the cap itself, without starting a thread.
+A connection with a request to serve has a thread of its own, so a long-lived upgraded connection (a
+WebSocket) never starves plain HTTP. A connection waiting for a request (new, or kept alive after a
+response) has none: one poller thread, which also accepts, watches them all, closes those the client
+closed or that overran the head timeout, and refuses connections past the cap with 503 itself. So idle
+connections cost a descriptor and about a kilobyte, and a flood that ends wakes no thread.
 
 Request heads and chunked bodies are parsed here, strictly (RFC 9112): anything malformed is answered
 400 and the connection is closed before the app sees any of it. The socket is never read past the
@@ -21,8 +24,9 @@ import email.utils
 import errno
 import logging
 import re
+import select
+import selectors
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -36,11 +40,14 @@ from errors import CODE_OF_STATUS, error_json
 log = logging.getLogger("wallet.http")
 
 UPGRADED = "http_server.upgraded"  # environ key the app sets to True once it has taken the socket
-DEFAULT_MAX_CONNECTIONS = 2000  # measured with bench/flood.py, see README "Connection limits"
+# Measured with bench/flood.py: the WebSockets of a flood of twice this many connections, all upgrade
+# requests, dropped at once, leave /healthz under 100 ms again within 2.5-4.5 s; 2,000 took over 10 s.
+DEFAULT_MAX_CONNECTIONS = 1500
 HEAD_TIMEOUT = 10.0  # seconds for a whole request head, from the connection or the previous response
 MAX_HEAD = 64 * 1024  # bytes of request line and header fields together
 MAX_FIELDS = 100
 MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions, or one trailer field
+KEEP_THREAD = 0.05  # seconds a connection thread waits for the next request before handing the connection back
 LINGER = 2.0  # seconds to read and discard what a refused client still sends, so it sees our answer
 ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
@@ -345,10 +352,13 @@ class RequestHandler(BaseHTTPRequestHandler):
     server_version = "wallet"
     server: Server
 
-    def setup(self) -> None:
-        self.connection = self.request
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.wfile = self.connection.makefile("wb")  # buffered: one send for a head and a small body
+    def __init__(self, request: socket.socket, client_address: Any, server: Server) -> None:
+        # Not BaseRequestHandler's constructor, which would serve the whole connection at once: a
+        # connection is served in turns, on a new thread each time a request comes after a pause.
+        self.request = self.connection = request
+        self.client_address = client_address
+        self.server = server
+        self.wfile = request.makefile("wb")  # buffered: one send for a head and a small body
         self.close_connection = True
         self.request_version = "HTTP/1.1"
         self.command = ""
@@ -360,30 +370,38 @@ class RequestHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def handle(self) -> None:
+    def serve(self, conn: _Conn) -> bool:
+        """Answer requests on the connection while they come without a pause; True to keep it open.
+
+        Runs on a connection thread once the connection has something to read; the head must be
+        complete by `conn.deadline`.
+        """
         server = self.server
-        deadline = time.monotonic() + server.head_timeout
         while True:
             try:
-                head = read_until(self.connection, b"\r\n\r\n", MAX_HEAD, deadline, 0)
+                head = read_until(self.connection, b"\r\n\r\n", MAX_HEAD, conn.deadline, 0)
                 if head.strip(b"\r\n") == b"" and head:
                     continue  # empty lines before a request line (RFC 9112 2.2): keep the same deadline
             except BadRequest as exc:
                 self._refuse(exc)
-                return
+                return False
             except OSError:
-                return  # timed out, closed by the client or by drain(): nothing to answer
-            if not head or not server.begin_request(self):
-                return
+                return False  # timed out, closed by the client or by drain(): nothing to answer
+            if not head or not server.begin_request(conn):
+                return False
             try:
-                keep_alive = self._serve(head)
+                keep_alive = self._serve(head, conn)
             finally:
-                server.end_request(self)
+                server.end_request(conn)
             if not keep_alive:
-                return
-            deadline = time.monotonic() + server.head_timeout
+                return False
+            conn.deadline = time.monotonic() + server.head_timeout
+            # A client that sends its next request right away keeps this thread; one that pauses
+            # gives it back and waits in the server's poller, which holds no thread.
+            if not _readable_within(self.connection, KEEP_THREAD):
+                return True
 
-    def _serve(self, head: bytes) -> bool:
+    def _serve(self, head: bytes, conn: _Conn) -> bool:
         """Answer one request; whether the connection may carry another."""
         try:
             request = parse_head(head[:-4])
@@ -394,7 +412,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.requestline = f"{request.method} {request.target} {request.version}"
         body = Body(self.connection, request, self.server.head_timeout,
                     self._send_continue if request.expect_continue else None)
-        environ = self._environ(request, body)
+        environ = self._environ(request, body, conn)
         response: list[Any] = []
         written: list[bytes] = []  # the legacy write() callable's data, sent before the returned body
 
@@ -435,7 +453,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._linger()
         return not close
 
-    def _environ(self, request: Request, body: Body) -> _Environ:
+    def _environ(self, request: Request, body: Body, conn: _Conn) -> _Environ:
         target = request.target
         host = None
         if target.startswith("/"):
@@ -483,7 +501,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             environ["CONTENT_LENGTH"] = str(request.length)
         if host:
             environ["HTTP_HOST"] = host  # RFC 9112 3.2.2: the absolute-form authority wins over Host
-        environ.on_upgrade = self.server.upgraded_callback(self)
+        environ.on_upgrade = lambda: self.server.upgraded(conn)
         self.connection.settimeout(None)  # the app's own protocol, if it takes the socket, sets its own
         return environ
 
@@ -573,33 +591,49 @@ class RequestHandler(BaseHTTPRequestHandler):
         log.debug(format, *args)
 
 
+def _readable_within(sock: socket.socket, seconds: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
 class _Conn:
     """What the server knows of one client connection."""
 
-    __slots__ = ("sock", "state")
+    __slots__ = ("sock", "address", "state", "deadline", "handler")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, address: Any, deadline: float) -> None:
         self.sock = sock
-        self.state = "idle"  # idle (waiting for a head) | busy | upgraded | closed
+        self.address = address
+        # waiting (for a request, in the poller, no thread) | reading (a head, on a thread) | busy (in the
+        # app) | upgraded (the app owns the socket) | closed
+        self.state = "waiting"
+        self.deadline = deadline  # for the next request head
+        self.handler: RequestHandler | None = None
 
 
-class Server(socketserver.BaseServer):
+class Server:
     """Serves a WSGI app on a listening socket bound by the caller (see bind()).
 
-    At most `max_connections` client connections at once, upgraded ones included; one more is answered
-    503 from the accepting thread and closed. A request head must arrive within `head_timeout` seconds
-    of the connection or of the previous response.
+    One thread, in serve_forever(), accepts connections and watches every connection that waits for a
+    request (new, or kept alive after a response) with one poller: such a connection holds no thread,
+    and one that the client closes is closed there at once. When a request starts to arrive, a
+    connection thread serves it (and those that follow without a pause).
 
-    Shutdown: `shutdown()` stops accepting, `server_close()` closes the listening socket, and
-    `drain(timeout)` closes idle keep-alive connections, waits for requests in flight to be answered
-    (their connections close after the answer) and returns whether they all were. Upgraded
-    connections belong to the app, which closes them.
+    At most `max_connections` client connections at once, upgraded ones included; one more is answered
+    503 by the accepting thread and closed. A request head must be complete within `head_timeout`
+    seconds of the connection or of the previous response.
+
+    Shutdown: `shutdown()` stops accepting, `server_close()` closes the listening socket and every
+    connection waiting for a request, and `drain(timeout)` closes connections waiting for a request,
+    waits for requests in flight to be answered (their connections close after the answer) and returns
+    whether they all were. Upgraded connections belong to the app, which closes them.
     """
 
     def __init__(self, sock: socket.socket, app: Callable, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  head_timeout: float = HEAD_TIMEOUT) -> None:
-        super().__init__(sock.getsockname(), RequestHandler)
         self.socket = sock
+        self.server_address = sock.getsockname()
         self.app = app
         self.max_connections = max_connections
         self.head_timeout = head_timeout
@@ -608,65 +642,129 @@ class Server(socketserver.BaseServer):
         self._conns: dict[socket.socket, _Conn] = {}
         self._busy = 0
         self._lock = threading.Condition()
+        self._returned: list[_Conn] = []  # connections handed back to the poller by their threads
+        self._poller = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._running = False
+        self._close_waiting_requested = False
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
         self._shed_logged = 0.0
 
-    # socketserver plumbing ------------------------------------------------------------------------
+    # the accepting and polling thread ---------------------------------------------------------------
 
-    def fileno(self) -> int:
-        return self.socket.fileno()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        try:
-            return self.socket.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # Out of descriptors: the connection stays queued; pause so the accept loop does not spin.
-                time.sleep(0.05)
-            raise
-
-    def server_close(self) -> None:
-        self.socket.close()
-
-    def shutdown_request(self, request: socket.socket) -> None:
-        try:
-            request.close()
-        except OSError:
-            pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("error serving a connection from %s", client_address)
-
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        """Runs in the accepting thread: start a connection thread, or shed the connection."""
-        conn = _Conn(request)
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and watch connections until shutdown(); poll_interval bounds how late a timeout is seen."""
+        self.socket.setblocking(False)
+        self._poller.register(self.socket, selectors.EVENT_READ, "listen")
+        self._poller.register(self._wake_r, selectors.EVENT_READ, "wake")
+        tick = min(poll_interval, self.head_timeout / 5)
+        next_sweep = time.monotonic() + tick
         with self._lock:
-            full = len(self._conns) >= self.max_connections
-            if not full:
-                self._conns[request] = conn
-        if full:
-            self._shed(request)
-            return
+            self._running = True
+        self._stopped.clear()
         try:
-            threading.Thread(target=self._serve_connection, args=(request, client_address, conn),
-                             name="http-conn", daemon=True).start()
-        except RuntimeError:  # no thread to be had: the machine is over its limit, treat as full
-            with self._lock:
-                del self._conns[request]
-            self._shed(request)
-
-    def _serve_connection(self, request: socket.socket, client_address: Any, conn: _Conn) -> None:
-        try:
-            RequestHandler(request, client_address, self)
-        except Exception:
-            self.handle_error(request, client_address)
+            while not self._stop.is_set():
+                for key, _ in self._poller.select(tick):
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self._arrived(key.data)
+                self._adopt_returned()
+                if self._close_waiting_requested:
+                    self._close_waiting()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._expire(now)
+                    next_sweep = now + tick
         finally:
             with self._lock:
-                if conn.state == "busy":
-                    self._busy -= 1
-                    self._lock.notify_all()
+                self._running = False
+            for sock in (self.socket, self._wake_r):
+                try:
+                    self._poller.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+            self._stopped.set()
+
+    def _accept(self) -> None:
+        for _ in range(256):  # then let the other events have a turn
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the connection stays queued; pause so this loop does not spin.
+                    time.sleep(0.05)
+                return
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    conn = _Conn(sock, address, time.monotonic() + self.head_timeout)
+                    self._conns[sock] = conn
+            if full:
+                self._shed(sock)
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setblocking(False)
+                self._poller.register(sock, selectors.EVENT_READ, conn)
+            except (OSError, ValueError):
+                self._release(conn)
+
+    def _arrived(self, conn: _Conn) -> None:
+        """A waiting connection is readable: a request is coming, or the client closed it."""
+        try:
+            data = conn.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._poller.unregister(conn.sock)
+        with self._lock:
+            if conn.state != "waiting":
+                return  # closed by close_idle() meanwhile
+            conn.state = "reading" if data else "closed"
+        if not data:
+            self._release(conn)  # the client went away: no thread needed to find that out
+            return
+        try:
+            threading.Thread(target=self._serve_connection, args=(conn,), name="http-conn", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the machine is over its limit
+            self._release(conn)
+
+    def _adopt_returned(self) -> None:
+        with self._lock:
+            returned, self._returned = self._returned, []
+        for conn in returned:
+            try:
+                conn.sock.setblocking(False)
+                self._poller.register(conn.sock, selectors.EVENT_READ, conn)
+            except (OSError, ValueError, KeyError):
+                self._release(conn)
+
+    def _expire(self, now: float) -> None:
+        """Close waiting connections whose request head is overdue."""
+        with self._lock:
+            late = [c for c in self._conns.values() if c.state == "waiting" and c.deadline <= now]
+            for conn in late:
                 conn.state = "closed"
-                del self._conns[request]
-            self.shutdown_request(request)
+        for conn in late:
+            try:
+                self._poller.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            self._release(conn)
 
     def _shed(self, sock: socket.socket) -> None:
         """503 from the accepting thread: never blocks, never starts a thread."""
@@ -696,35 +794,86 @@ class Server(socketserver.BaseServer):
             log.warning("connection limit %d reached: refusing new connections with 503 (%d so far)",
                         self.max_connections, self.shed)
 
-    # connection states, for the cap and the drain ----------------------------------------------------
+    # connection threads ---------------------------------------------------------------------------------
 
-    def begin_request(self, handler: RequestHandler) -> bool:
-        """A head has arrived; False when drain() already closed this idle connection."""
+    def _serve_connection(self, conn: _Conn) -> None:
+        keep = False
+        try:
+            if conn.handler is None:
+                conn.handler = RequestHandler(conn.sock, conn.address, self)
+            keep = conn.handler.serve(conn)
+        except Exception:
+            log.exception("error serving a connection from %s", conn.address)
+        if keep:
+            with self._lock:
+                if conn.state == "reading" and self._running and not self.draining:
+                    conn.state = "waiting"
+                    self._returned.append(conn)
+                    keep = True
+                else:
+                    keep = False
+            if keep:
+                try:
+                    self._wake_w.send(b"\0")
+                except OSError:
+                    pass  # the poller is already awake: its wake-up socket is full
+                return
+        self._release(conn)
+
+    def _release(self, conn: _Conn) -> None:
         with self._lock:
-            conn = self._conns.get(handler.connection)
-            if conn is None or conn.state != "idle":
+            if conn.state == "busy":
+                self._busy -= 1
+                self._lock.notify_all()
+            conn.state = "closed"
+            self._conns.pop(conn.sock, None)
+        if conn.handler is not None:
+            conn.handler.finish()  # the socket's descriptor stays open while its file object is
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def begin_request(self, conn: _Conn) -> bool:
+        """A head has arrived; False when close_idle() already closed this connection."""
+        with self._lock:
+            if conn.state != "reading":
                 return False
             conn.state = "busy"
             self._busy += 1
             return True
 
-    def end_request(self, handler: RequestHandler) -> None:
+    def end_request(self, conn: _Conn) -> None:
         with self._lock:
-            conn = self._conns.get(handler.connection)
-            if conn is not None and conn.state == "busy":
-                conn.state = "idle"
+            if conn.state == "busy":
+                conn.state = "reading"
                 self._busy -= 1
                 self._lock.notify_all()
 
-    def upgraded_callback(self, handler: RequestHandler) -> Callable[[], None]:
-        def upgraded() -> None:
-            with self._lock:
-                conn = self._conns.get(handler.connection)
-                if conn is not None and conn.state == "busy":
-                    conn.state = "upgraded"
-                    self._busy -= 1
-                    self._lock.notify_all()
-        return upgraded
+    def upgraded(self, conn: _Conn) -> None:
+        """The app took the socket (environ[UPGRADED]): drain() no longer waits for this connection."""
+        with self._lock:
+            if conn.state == "busy":
+                conn.state = "upgraded"
+                self._busy -= 1
+                self._lock.notify_all()
+
+    # shutdown ------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() (accepting and watching waiting connections); returns once it has."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket, and every connection waiting for a request if serve_forever() ended."""
+        self.socket.close()
+        if self._stopped.is_set():
+            self.close_idle()
 
     def connection_count(self) -> int:
         """Client connections being served now (HTTP and upgraded)."""
@@ -732,17 +881,41 @@ class Server(socketserver.BaseServer):
             return len(self._conns)
 
     def close_idle(self) -> int:
-        """Close every connection waiting for a request head; how many were closed."""
+        """Close every connection waiting for a request or reading its head; how many were closed."""
         with self._lock:
-            idle = [c for c in self._conns.values() if c.state == "idle"]
-            for conn in idle:
+            reading = [c for c in self._conns.values() if c.state == "reading"]
+            for conn in reading:
                 conn.state = "closed"
-        for conn in idle:
+            running = self._running
+            if running:
+                self._close_waiting_requested = True  # the poller's connections are closed by the poller
+        for conn in reading:
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which then closes it
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which then releases it
             except OSError:
                 pass
-        return len(idle)
+        if running:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+            return len(reading)
+        return len(reading) + self._close_waiting()
+
+    def _close_waiting(self) -> int:
+        with self._lock:
+            waiting = [c for c in self._conns.values() if c.state == "waiting"]
+            for conn in waiting:
+                conn.state = "closed"
+            self._returned.clear()
+            self._close_waiting_requested = False
+        for conn in waiting:
+            try:
+                self._poller.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            self._release(conn)
+        return len(waiting)
 
     def drain(self, timeout: float) -> bool:
         """Close idle connections, then wait up to `timeout` s for requests in flight; True if none is left.

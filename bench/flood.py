@@ -115,20 +115,23 @@ def summary(values):
             "max": round(max(values), 2)}
 
 
-def part_idle(counts, max_connections, samples):
+def part_idle(counts, max_connections, samples, kind="tcp"):
     srv = start(max_connections)
     results = []
     try:
         for count in counts:
             socks = open_idle(srv.http_port, count)
             try:
+                if kind == "ws":
+                    upgrade_all(socks)
                 # A fresh request waits behind every queued connection: when it answers, all are accepted.
                 t0 = time.monotonic()
                 barrier = healthz_fresh(srv.http_port, timeout=9)
                 accepted_in = time.monotonic() - t0
                 kept, fresh = healthz_series(srv.http_port, samples)
                 status = srv.status()
-                results.append({"idle": count, "accepted_in_s": round(accepted_in, 2), "barrier_ok": bool(barrier),
+                results.append({"idle": count, "kind": kind, "accepted_in_s": round(accepted_in, 2),
+                                "barrier_ok": bool(barrier),
                                 "keepalive_ms": summary(kept), "fresh_connection_ms": summary(fresh),
                                 "server_threads": status["Threads"], "server_rss_mib": status["VmRSS"] // 1024,
                                 "measured_within_s": round(time.monotonic() - t0, 2)})
@@ -149,6 +152,28 @@ def settle(srv, threads=None, timeout=15):
             break
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def upgrade_all(socks, timeout=20):
+    """Send each socket a WebSocket upgrade request and wait until each has its answer (101)."""
+    for s in socks:
+        wait_connected(s)
+        s.send(ws_request())
+    deadline = time.monotonic() + timeout
+    pending = list(socks)
+    while pending and time.monotonic() < deadline:
+        pending = [s for s in pending if not _peek(s)]
+        time.sleep(0.05)
+
+
+def wait_connected(sock, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            sock.getpeername()
+            return
+        except OSError:
+            time.sleep(0.01)
 
 
 def ws_request():
@@ -263,6 +288,8 @@ def main():
     parser.add_argument("--max-connections", type=int, default=http_server.DEFAULT_MAX_CONNECTIONS)
     parser.add_argument("--counts", default=None, help="idle connection counts, comma-separated")
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--idle-kind", choices=["tcp", "ws"], default="tcp",
+                        help="idle connections that sent nothing (tcp) or idle WebSockets (ws)")
     parser.add_argument("--ws-share", type=float, default=0.5, help="share of the flood that asks for a WebSocket")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -276,7 +303,7 @@ def main():
         counts = [int(c) for c in args.counts.split(",")] if args.counts else [0, 1000, cap - 10, 5000]
         # The cost of idle connections is measured past the cap too: that server gets a cap above the count.
         report["idle_server_cap"] = max(cap, max(counts) + 10)
-        report["idle"] = part_idle(counts, report["idle_server_cap"], args.samples)
+        report["idle"] = part_idle(counts, report["idle_server_cap"], args.samples, args.idle_kind)
     if args.part in ("recovery", "all"):
         report["recovery"] = part_recovery(cap, ws_share=args.ws_share)
     # Other processes' CPU during the run (cores of 2): these figures are only as quiet as the machine was.

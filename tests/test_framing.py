@@ -571,7 +571,7 @@ def test_the_cap_sheds_one_more_connection_at_once_from_the_accepting_thread(har
         assert time.monotonic() - start < 1
         assert (status, headers["connection"]) == (503, "close")
         assert json.loads(body)["error"] == "unavailable"
-        assert threading.active_count() == threads and h.server.shed == 1
+        assert threading.active_count() <= threads and h.server.shed == 1
     finally:
         held[0].close()
     wait_for(lambda: h.server.connection_count() == 2, message="the closed connection to be released")
