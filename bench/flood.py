@@ -110,6 +110,10 @@ def open_idle(port, count):
     return socks
 
 
+def fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def summary(values):
     return {"p50": round(percentile(values, 50), 2), "p99": round(percentile(values, 99), 2),
             "max": round(max(values), 2)}
@@ -124,8 +128,10 @@ def part_idle(counts, max_connections, samples, kind="tcp"):
             try:
                 if kind == "ws":
                     upgrade_all(socks)
-                # A fresh request waits behind every queued connection: when it answers, all are accepted.
+                # Every connection accepted (the server holds a descriptor for each) before measuring.
                 t0 = time.monotonic()
+                while fds(srv.pid) < count + 5 and time.monotonic() - t0 < 9:
+                    time.sleep(0.01)
                 barrier = healthz_fresh(srv.http_port, timeout=9)
                 accepted_in = time.monotonic() - t0
                 kept, fresh = healthz_series(srv.http_port, samples)
@@ -134,6 +140,7 @@ def part_idle(counts, max_connections, samples, kind="tcp"):
                                 "barrier_ok": bool(barrier),
                                 "keepalive_ms": summary(kept), "fresh_connection_ms": summary(fresh),
                                 "server_threads": status["Threads"], "server_rss_mib": status["VmRSS"] // 1024,
+                                "server_fds": fds(srv.pid),
                                 "measured_within_s": round(time.monotonic() - t0, 2)})
             finally:
                 for s in socks:
@@ -198,9 +205,9 @@ def part_recovery(max_connections, factor=2, ws_share=0.5):
         socks = open_idle(srv.http_port, total)
         time.sleep(0.5)  # let the non-blocking connects complete before writing
         sent = 0
-        every = round(1 / ws_share) if ws_share else total + 1
+        every = round(1 / ws_share) if ws_share else None
         for i, s in enumerate(socks):
-            if i % every == 0:
+            if every and i % every == 0:
                 try:
                     s.send(ws_request())
                     sent += 1
@@ -212,7 +219,7 @@ def part_recovery(max_connections, factor=2, ws_share=0.5):
         answered = set()
         while len(answered) < sent and time.monotonic() - t0 < 20:
             for i, s in enumerate(socks):
-                if i % every == 0 and i not in answered and _peek(s):
+                if every and i % every == 0 and i not in answered and _peek(s):
                     answered.add(i)
             time.sleep(0.05)
         accepted_in = time.monotonic() - t0
