@@ -387,12 +387,12 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return False
             except OSError:
                 return False  # timed out, closed by the client or by drain(): nothing to answer
-            if not head or not server.begin_request(conn):
+            if not head or not server._begin_request(conn):
                 return False
             try:
                 keep_alive = self._serve(head, conn)
             finally:
-                server.end_request(conn)
+                server._end_request(conn)
             if not keep_alive:
                 return False
             conn.deadline = time.monotonic() + server.head_timeout
@@ -501,7 +501,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             environ["CONTENT_LENGTH"] = str(request.length)
         if host:
             environ["HTTP_HOST"] = host  # RFC 9112 3.2.2: the absolute-form authority wins over Host
-        environ.on_upgrade = lambda: self.server.upgraded(conn)
+        environ.on_upgrade = lambda: self.server._upgraded(conn)
         self.connection.settimeout(None)  # the app's own protocol, if it takes the socket, sets its own
         return environ
 
@@ -834,7 +834,7 @@ class Server:
         except OSError:
             pass
 
-    def begin_request(self, conn: _Conn) -> bool:
+    def _begin_request(self, conn: _Conn) -> bool:
         """A head has arrived; False when close_idle() already closed this connection."""
         with self._lock:
             if conn.state != "reading":
@@ -843,14 +843,14 @@ class Server:
             self._busy += 1
             return True
 
-    def end_request(self, conn: _Conn) -> None:
+    def _end_request(self, conn: _Conn) -> None:
         with self._lock:
             if conn.state == "busy":
                 conn.state = "reading"
                 self._busy -= 1
                 self._lock.notify_all()
 
-    def upgraded(self, conn: _Conn) -> None:
+    def _upgraded(self, conn: _Conn) -> None:
         """The app took the socket (environ[UPGRADED]): drain() no longer waits for this connection."""
         with self._lock:
             if conn.state == "busy":
