@@ -878,3 +878,22 @@ def test_drain_with_many_idle_keep_alive_connections_is_prompt(harness):
     wait_for(lambda: h.server.connection_count() == 0, timeout=2, message="every connection released")
     for s in idle:
         s.close()
+
+
+def test_connections_waiting_for_a_request_hold_no_thread_and_closing_them_wakes_none(harness):
+    h = harness(echo_app)
+    threads = threading.active_count()
+    fresh = [h.connect() for _ in range(300)]
+    kept = []
+    for _ in range(100):
+        s = h.connect()
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_response(s, bytearray())
+        kept.append(s)
+    wait_for(lambda: h.server.connection_count() == 400, message="every connection accepted")
+    # Threads of the answered requests hand their connections back after KEEP_THREAD.
+    wait_for(lambda: threading.active_count() <= threads, timeout=5, message="no thread per idle connection")
+    for s in fresh + kept:
+        s.close()
+    wait_for(lambda: h.server.connection_count() == 0, timeout=2, message="the poller to close them all")
+    assert threading.active_count() <= threads
