@@ -669,16 +669,19 @@ class Server:
         try:
             while not self._stop.is_set():
                 for key, _ in self._poller.select(tick):
-                    if key.data == "listen":
-                        self._accept()
-                    elif key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
+                    try:
+                        if key.data == "listen":
+                            self._accept()
+                        elif key.data == "wake":
+                            try:
+                                while self._wake_r.recv(4096):
+                                    pass
+                            except BlockingIOError:
                                 pass
-                        except BlockingIOError:
-                            pass
-                    else:
-                        self._arrived(key.data)
+                        else:
+                            self._arrived(key.data)
+                    except Exception:  # a bug with one connection must not stop the listener
+                        log.exception("error in the HTTP accept loop")
                 self._adopt_returned()
                 if self._close_waiting_requested:
                     self._close_waiting()
