@@ -200,3 +200,17 @@ def _got_503(sock: socket.socket) -> bool:
         return sock.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT).startswith(b"HTTP/1.1 503")
     except OSError:
         return False
+
+
+def test_sigterm_with_a_thousand_keep_alive_connections_closes_them_and_exits_promptly(start_server):
+    srv = start_server()
+    kept = [served_connection(srv.http_port) for _ in range(1000)]
+    assert all(kept)
+    silent = [socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) for _ in range(200)]
+    start = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - start < 5
+    # Every connection ends: none is left waiting for an answer.
+    assert all(ends(s, 1) for s in kept + silent)
+    for s in kept + silent:
+        s.close()
