@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -143,6 +144,25 @@ class Browser:
         wait_for(lambda: self.text("#wallet-current") == user_id and self.state() == "live", timeout=TIMEOUT,
                  interval=0.05, message=f"the wallet of {user_id} to open")
 
+    def visible(self, selector):
+        return self.js(f"document.querySelector({json.dumps(selector)}).getClientRects().length > 0")
+
+    def storage(self):
+        """Every value the page's origin keeps in sessionStorage and localStorage."""
+        return self.js("""(() => {
+            const all = (s) => Object.fromEntries(
+                Array.from({length: s.length}, (_, i) => [s.key(i), s.getItem(s.key(i))]));
+            return {session: all(sessionStorage), local: all(localStorage)};
+        })()""")
+
+    def open_sockets(self):
+        """How many WebSockets of the page are connecting or open (DevTools' queryObjects)."""
+        proto = self.call("Runtime.evaluate", expression="WebSocket.prototype")["result"]["objectId"]
+        found = self.call("Runtime.queryObjects", prototypeObjectId=proto)["objects"]["objectId"]
+        return self.call("Runtime.callFunctionOn", objectId=found, returnByValue=True, functionDeclaration=
+                         "function () { return this.filter((ws) => ws.readyState <= WebSocket.OPEN).length; }"
+                         )["result"]["value"]
+
     def balance_cents(self):
         return self.js("document.getElementById('balance').dataset.cents")
 
@@ -194,14 +214,15 @@ def browser():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def post(srv, path, body):
-    response = requests.post(srv.url + path, json=body, timeout=5)
+def post(srv, path, body, key=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = requests.post(srv.url + path, json=body, headers=headers, timeout=5)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def settle(srv, user_id, game, bet, payout):
-    return post(srv, "/api/games/outcomes", {"user_id": user_id, "game": game, "bet": bet, "payout": payout})
+def settle(srv, user_id, game, bet, payout, key=None):
+    return post(srv, "/api/games/outcomes", {"user_id": user_id, "game": game, "bet": bet, "payout": payout}, key)
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -219,6 +240,9 @@ def test_page_loads_live_without_console_errors(browser, start_server):
     wait_for(lambda: browser.text("#leaderboard tbody") == "No games played yet", timeout=TIMEOUT,
              message="the empty leaderboard")
     assert browser.js("document.title").startswith("Wallet")
+    # Authentication is off: no key form, no sign-out, nothing stored.
+    assert not browser.visible("#auth-card") and not browser.visible("#signout-btn")
+    assert browser.storage()["session"] == {}
     browser.pump()
     assert browser.errors == []
 
@@ -423,3 +447,125 @@ def test_page_recovers_missed_events_after_a_reconnect(browser, start_server, ui
     browser.pump()
     own = [e for e in browser.errors if not e.startswith("log (network)") and "WebSocket connection to" not in e]
     assert own == []
+
+
+# -- authentication on (CONTRACT.md 8) -------------------------------------------------------------
+
+KEY_ITEM = "wallet.operatorKey"
+
+
+def sign_in(browser, key):
+    browser.type_into("#auth-key", key)
+    browser.click("#auth-submit")
+
+
+def wait_for_key_form(browser):
+    wait_for(lambda: browser.visible("#auth-card") and browser.state() == "signed-out", timeout=TIMEOUT,
+             interval=0.05, message=f"the key form (status {browser.text('#conn-state')!r})")
+    assert not browser.visible("main") and not browser.visible("#signout-btn")
+
+
+def own_errors(browser):
+    """Errors of the page's own code; Chromium logs every 401 and refused connection itself."""
+    browser.pump()
+    return [e for e in browser.errors if not e.startswith("log (network)") and "WebSocket connection to" not in e]
+
+
+def test_auth_on_the_page_asks_for_an_operator_key(browser, start_server, uid):
+    key = secrets.token_urlsafe(32)
+    srv = start_server(env={"API_KEYS": key})
+    post(srv, "/api/wallet/deposit", {"user_id": uid, "amount": 3000}, key)
+    settle(srv, uid, "slots", 500, 2000, key)
+    url = srv.url + "/"
+    browser.open(url)
+    wait_for_key_form(browser)
+    assert "Operator key needed" in browser.text("#conn-state")
+
+    # Not the shape of a key: explained without asking the server.
+    sign_in(browser, "too-short")
+    wait_for(lambda: "32 to 256" in browser.text("#auth-error"), timeout=TIMEOUT, message="the format error")
+    # A well-formed key the service does not know: refused, and the page keeps asking.
+    wrong = secrets.token_urlsafe(32)
+    sign_in(browser, wrong)
+    wait_for(lambda: "not accepted" in browser.text("#auth-error"), timeout=TIMEOUT, message="the wrong key refused")
+    wait_for_key_form(browser)
+    assert browser.storage() == {"session": {}, "local": {}}
+
+    # The right key: the leaderboard over HTTP and the event stream over the WebSocket.
+    sign_in(browser, key)
+    browser.wait_live()
+    assert not browser.visible("#auth-card") and browser.visible("#signout-btn")
+    wait_for(lambda: browser.board() == [[1, uid, "1500"]], timeout=TIMEOUT, message="the leaderboard with the key")
+    outcome = settle(srv, uid, "dice", 100, 400, key)
+    wait_for(lambda: browser.feed() and browser.feed()[0][0] == outcome["outcome_id"], timeout=TIMEOUT,
+             message="a live outcome over the authenticated WebSocket")
+    wait_for(lambda: browser.board() == [[1, uid, "1800"]], timeout=TIMEOUT, message="a live leaderboard")
+
+    # Kept for the browser session only, never in the page's URL or left in the form.
+    stored = browser.storage()
+    assert stored["session"] == {KEY_ITEM: key}
+    assert key not in json.dumps(stored["local"])
+    assert browser.js("location.href") == url and key not in browser.js("location.href + document.referrer")
+    assert browser.js("document.getElementById('auth-key').value") == ""
+
+    # The wallet panel works with the key too: a write, and its balance event.
+    browser.open_wallet(uid)
+    wait_for(lambda: browser.balance_cents() == "4800", timeout=TIMEOUT, message="the balance with the key")
+    browser.type_into("#deposit-amount", "200")
+    browser.click("#deposit-btn")
+    wait_for(lambda: browser.balance_cents() == "5000", timeout=TIMEOUT, message="the deposit through the page")
+    assert browser.text("#wallet-error") == ""
+
+    # A reload in the same tab keeps the key: no prompt.
+    browser.open(url)
+    browser.wait_live()
+    assert not browser.visible("#auth-card")
+    wait_for(lambda: browser.board() == [[1, uid, "1800"]], timeout=TIMEOUT, message="the board after a reload")
+
+    # Sign out forgets the key, hides what it showed, closes the sockets and asks again.
+    browser.click("#signout-btn")
+    wait_for_key_form(browser)
+    assert browser.storage()["session"] == {}
+    assert browser.board() == [] and browser.feed() == []
+    wait_for(lambda: browser.open_sockets() == 0, timeout=TIMEOUT, message="the WebSockets closed")
+    # And the page starts over with a new key, as on a first visit.
+    sign_in(browser, key)
+    browser.wait_live()
+    wait_for(lambda: browser.board() == [[1, uid, "1800"]] and browser.balance_cents() == "5000",
+             timeout=TIMEOUT, message="board and balance after signing in again")
+
+    assert own_errors(browser) == []
+    assert not any(key in e for e in browser.errors), "the key reached the browser's console"
+    assert key not in srv.log()
+
+
+def test_auth_a_key_the_websocket_refuses_is_forgotten(browser, start_server, uid):
+    # The service restarts with another key: the page's reconnect is refused `unauthorized` + 1008,
+    # it drops the stale key and asks for one, without retrying in a loop.
+    old, new = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    srv = start_server(env={"API_KEYS": old})
+    browser.open(srv.url + "/")
+    wait_for_key_form(browser)
+    sign_in(browser, old)
+    browser.wait_live()
+    assert browser.storage()["session"] == {KEY_ITEM: old}
+
+    port = srv.http_port
+    assert srv.stop() == 0
+    wait_for(lambda: browser.state() == "reconnecting", timeout=TIMEOUT, interval=0.05, message="reconnecting")
+    restarted = start_server("--http-port", str(port), env={"API_KEYS": new})
+    wait_for_key_form(browser)
+    assert "no longer accepted" in browser.text("#auth-note")
+    assert browser.storage()["session"] == {}
+    wait_for(lambda: browser.open_sockets() == 0, timeout=TIMEOUT, message="no WebSocket retrying")
+
+    sign_in(browser, new)
+    browser.wait_live()
+    outcome = settle(restarted, uid, "slots", 0, 10, new)
+    wait_for(lambda: browser.feed() and browser.feed()[0][0] == outcome["outcome_id"], timeout=TIMEOUT,
+             message="a live outcome with the new key")
+    assert browser.storage()["session"] == {KEY_ITEM: new}
+    assert own_errors(browser) == []
+    # While the server was down the page did not hand the key to a WebSocket that Chromium would log
+    # as failed (its URL holds the `token`).
+    assert not any(old in e or new in e for e in browser.errors), "a key reached the browser's console"
