@@ -48,6 +48,7 @@ MAX_HEAD = 64 * 1024  # bytes of request line and header fields together
 MAX_FIELDS = 100
 MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions, or one trailer field
 KEEP_THREAD = 0.05  # seconds a connection thread waits for the next request before handing the connection back
+SHUTDOWN_WAIT = 0.2  # seconds shutdown() waits for the accept loop to end
 LINGER = 2.0  # seconds to read and discard what a refused client still sends, so it sees our answer
 ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
@@ -692,6 +693,7 @@ class Server:
         finally:
             with self._lock:
                 self._running = False
+            self._close_waiting()  # nobody watches them any more
             for sock in (self.socket, self._wake_r):
                 try:
                     self._poller.unregister(sock)
@@ -863,14 +865,23 @@ class Server:
 
     # shutdown ------------------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Stop serve_forever() (accepting and watching waiting connections); returns once it has."""
+    def shutdown(self, timeout: float = SHUTDOWN_WAIT) -> bool:
+        """Stop accepting now, and serve_forever() soon; whether it ended within `timeout` seconds.
+
+        The listening socket refuses connections from this call on. The loop's thread may be slow to
+        get the interpreter when thousands of threads are busy (WebSockets flooding pings): rather than
+        wait for it, the caller goes on; the loop closes the connections it watched as it ends.
+        """
         self._stop.set()
         try:
-            self._wake_w.send(b"\0")
+            # Linux: stops listening (queued connections are reset) and wakes the loop, which sees _stop.
+            self.socket.shutdown(socket.SHUT_RDWR)
         except OSError:
-            pass
-        self._stopped.wait()
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+        return self._stopped.wait(timeout)
 
     def server_close(self) -> None:
         """Close the listening socket, and every connection waiting for a request if serve_forever() ended."""
