@@ -897,3 +897,16 @@ def test_connections_waiting_for_a_request_hold_no_thread_and_closing_them_wakes
         s.close()
     wait_for(lambda: h.server.connection_count() == 0, timeout=2, message="the poller to close them all")
     assert threading.active_count() <= threads
+
+
+def test_shutdown_stops_listening_at_once_and_closes_waiting_connections(harness):
+    h = harness(echo_app)
+    waiting = h.connect()
+    wait_for(lambda: h.server.connection_count() == 1, message="the connection accepted")
+    start = time.monotonic()
+    assert h.server.shutdown() is True
+    assert time.monotonic() - start < 0.5
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", h.port), timeout=1).recv(1)
+    assert closed(waiting, 1)
+    waiting.close()
