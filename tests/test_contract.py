@@ -1,0 +1,317 @@
+"""CONTRACT.md walked point by point against the real `python app.py` (and, where cheaper, in-process).
+
+Each test here closes a point that the other test files checked only in-process, only partly, or not at
+all (the checklist is /tmp/team/H10_checklist.md): the JSON content type of every answer the server makes
+itself, exact success shapes over sockets, idempotency through the real HTTP layer, the upper bound of net
+winnings, the WebSocket ping interval, and the reply `id` on every WebSocket reply type.
+"""
+
+import json
+import socket
+import uuid
+
+import pytest
+import requests
+
+from conftest import wait_for
+
+TIMEOUT = 10  # seconds; only a broken server gets near it
+INT64_MAX = 2**63 - 1
+DEPOSIT = "/api/wallet/deposit"
+WITHDRAW = "/api/wallet/withdraw"
+OUTCOMES = "/api/games/outcomes"
+WS_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
+def new_id(prefix: str = "c") -> str:
+    return prefix + uuid.uuid4().hex[:16]
+
+
+def exchange(port: int, data: bytes) -> tuple[int, dict, bytes]:
+    """Send raw bytes, read one answer (until its Content-Length or the close): (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        reply = b""
+        while True:
+            head, sep, body = reply.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+                length = int(headers.get("content-length", "-1"))
+                if 0 <= length <= len(body):
+                    return int(lines[0].split()[1]), headers, body[:length]
+            chunk = sock.recv(65536)
+            if not chunk:
+                assert sep, f"connection closed without an answer: {reply[:300]!r}"
+                return int(lines[0].split()[1]), headers, body
+            reply += chunk
+
+
+def is_json(headers: dict) -> bool:
+    return headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
+def ok(response: requests.Response, status: int = 200) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert is_json({k.lower(): v for k, v in response.headers.items()}), response.headers
+    assert response.headers.get("X-Request-ID"), response.headers
+    return response.json()
+
+
+def refused(response: requests.Response, status: int, code: str) -> dict:
+    body = ok(response, status)
+    assert body["error"] == code and isinstance(body["message"], str) and body["message"], body
+    return body
+
+
+# -- section 3: "Every response body is JSON with Content-Type: application/json, errors and unknown routes
+# included" -- also the answers the HTTP server and the WebSocket endpoint make before any route runs.
+
+def _host(port: int) -> bytes:
+    return b"Host: 127.0.0.1:%d\r\n" % port
+
+
+SERVER_MADE = {
+    # name: (request bytes with {host}, status, code)
+    "header without colon": (b"GET /healthz HTTP/1.1\r\n{host}X-Junk\r\n\r\n", 400, "invalid_request"),
+    "space before colon": (b"GET /healthz HTTP/1.1\r\n{host}X-Junk : 1\r\n\r\n", 400, "invalid_request"),
+    "NUL in head": (b"GET /healthz HTTP/1.1\r\n{host}X-Junk: a\x00b\r\n\r\n", 400, "invalid_request"),
+    "missing Host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400, "invalid_request"),
+    "repeated Host": (b"GET /healthz HTTP/1.1\r\n{host}Host: y\r\n\r\n", 400, "invalid_request"),
+    "malformed request line": (b"GARBAGE\r\n\r\n", 400, "invalid_request"),
+    "TE and CL": (b"POST /api/wallet/deposit HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n"
+                  b"Content-Length: 5\r\n\r\n0\r\n\r\n", 400, "invalid_request"),
+    "TE not chunked": (b"POST /api/wallet/deposit HTTP/1.1\r\n{host}Transfer-Encoding: gzip\r\n\r\n",
+                       400, "invalid_request"),
+    "declared body over 64 KiB": (b"POST /api/wallet/deposit HTTP/1.1\r\n{host}Content-Length: 65537\r\n\r\n",
+                                  413, "payload_too_large"),
+    "chunked body over 64 KiB": (b"POST /api/wallet/deposit HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n"
+                                 b"10001\r\n" + b"a" * 0x10001 + b"\r\n0\r\n\r\n", 413, "payload_too_large"),
+    "unknown route": (b"GET /no/such/route HTTP/1.1\r\n{host}\r\n", 404, "not_found"),
+    "unknown route under /api": (b"GET /api/nothing HTTP/1.1\r\n{host}\r\n", 404, "not_found"),
+    "wrong method": (b"DELETE /api/leaderboard HTTP/1.1\r\n{host}\r\n", 405, "method_not_allowed"),
+    "OPTIONS": (b"OPTIONS /api/wallet/deposit HTTP/1.1\r\n{host}\r\n", 405, "method_not_allowed"),
+    "POST /ws": (b"POST /ws HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n", 405, "method_not_allowed"),
+    "plain GET /ws": (b"GET /ws HTTP/1.1\r\n{host}\r\n", 400, "invalid_request"),
+    "plain GET /ws/": (b"GET /ws/ HTTP/1.1\r\n{host}\r\n", 400, "invalid_request"),
+    "upgrade without a key": (b"GET /ws HTTP/1.1\r\n{host}" + UPGRADE + b"Sec-WebSocket-Version: 13\r\n\r\n",
+                              400, "invalid_request"),
+    "cross-origin WebSocket": (b"GET /ws HTTP/1.1\r\n{host}Origin: http://evil.example\r\n" + UPGRADE + WS_KEY
+                               + b"\r\n", 403, "forbidden"),
+    "Origin null WebSocket": (b"GET /ws HTTP/1.1\r\n{host}Origin: null\r\n" + UPGRADE + WS_KEY + b"\r\n",
+                              403, "forbidden"),
+    "cross-origin write": (b"POST /api/wallet/deposit HTTP/1.1\r\n{host}Origin: http://evil.example\r\n"
+                           b"Content-Length: 2\r\n\r\n{}", 403, "forbidden"),
+    "bad user id in the path": (b"GET /api/wallet/balance/a%20b HTTP/1.1\r\n{host}\r\n", 400, "invalid_request"),
+    "bad limit": (b"GET /api/wallet/transactions/abc?limit=1001 HTTP/1.1\r\n{host}\r\n", 400, "invalid_request"),
+    "body not JSON": (b"POST /api/wallet/deposit HTTP/1.1\r\n{host}Content-Length: 4\r\n\r\n{bad", 400,
+                      "invalid_request"),
+}
+
+
+@pytest.mark.parametrize("name", list(SERVER_MADE))
+def test_every_error_the_server_makes_is_a_json_envelope(server, name):
+    data, status, code = SERVER_MADE[name]
+    got, headers, body = exchange(server.http_port, data.replace(b"{host}", _host(server.http_port)))
+    assert got == status, (got, body[:300])
+    assert is_json(headers), headers
+    envelope = json.loads(body)
+    assert set(envelope) == {"error", "message"}, envelope
+    assert envelope["error"] == code and isinstance(envelope["message"], str) and envelope["message"]
+
+
+# -- section 3 table: exact success shapes over the real process ------------------------------------------
+
+
+def test_success_rows_have_exactly_the_contract_fields(server, http):
+    user = new_id()
+    base = server.url
+    body = ok(http.post(base + DEPOSIT, json={"user_id": user, "amount": 500}, timeout=TIMEOUT))
+    assert set(body) == {"user_id", "balance", "transaction_id"} and body["user_id"] == user
+    assert body["balance"] == 500
+    body = ok(http.post(base + WITHDRAW, json={"user_id": user, "amount": 200}, timeout=TIMEOUT))
+    assert set(body) == {"user_id", "balance", "transaction_id"} and body["balance"] == 300
+    body = ok(http.post(base + OUTCOMES, json={"user_id": user, "game": "g-1", "bet": 100, "payout": 250},
+                        timeout=TIMEOUT))
+    assert set(body) == {"outcome_id", "user_id", "game", "bet", "payout", "net", "balance"}
+    assert (body["user_id"], body["game"], body["bet"], body["payout"], body["net"], body["balance"]) == (
+        user, "g-1", 100, 250, 150, 450)
+    assert ok(http.get(f"{base}/api/wallet/balance/{user}", timeout=TIMEOUT)) == {"user_id": user, "balance": 450}
+    txs = ok(http.get(f"{base}/api/wallet/transactions/{user}", timeout=TIMEOUT))
+    assert set(txs) == {"user_id", "transactions"} and txs["user_id"] == user
+    assert [(t["type"], t["amount"], t["balance"]) for t in txs["transactions"]] == [
+        ("win", 250, 450), ("bet", 100, 200), ("withdraw", 200, 300), ("deposit", 500, 500)]
+    for t in txs["transactions"]:
+        assert set(t) == {"transaction_id", "type", "amount", "balance", "created_at"}
+        assert t["created_at"].endswith("Z") or t["created_at"].endswith("+00:00")
+    board = ok(http.get(base + "/api/leaderboard", timeout=TIMEOUT))
+    assert set(board) == {"leaderboard"}
+    for row in board["leaderboard"]:
+        assert set(row) == {"rank", "user_id", "net_winnings"}
+    assert ok(http.get(base + "/healthz", timeout=TIMEOUT)) == {"status": "ok"}
+    assert ok(http.get(base + "/openapi.json", timeout=TIMEOUT))["openapi"].startswith("3.1")
+    page = http.get(base + "/", timeout=TIMEOUT)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+
+
+def test_integer_user_ids_and_64_bit_amount_edges_over_the_process(server, http):
+    number = int(uuid.uuid4().int % 10**15) + 1  # a positive integer no other test uses
+    body = ok(http.post(server.url + DEPOSIT, json={"user_id": number, "amount": INT64_MAX}, timeout=TIMEOUT))
+    assert body["user_id"] == str(number) and body["balance"] == INT64_MAX
+    assert ok(http.get(f"{server.url}/api/wallet/balance/{number}", timeout=TIMEOUT))["balance"] == INT64_MAX
+    refused(http.post(server.url + DEPOSIT, json={"user_id": str(number), "amount": 1}, timeout=TIMEOUT),
+            409, "balance_limit_exceeded")
+    too_big = refused(http.post(server.url + DEPOSIT, json={"user_id": new_id(), "amount": 2**63}, timeout=TIMEOUT),
+                      400, "invalid_request")
+    assert "amount" in too_big["message"]
+    poor = new_id()
+    body = refused(http.post(server.url + WITHDRAW, json={"user_id": poor, "amount": 1}, timeout=TIMEOUT),
+                   409, "insufficient_funds")
+    assert body == {"error": "insufficient_funds", "message": "not enough money", "balance": 0}
+
+
+# -- section 3, idempotency, through the real HTTP layer ------------------------------------------------
+
+
+def test_idempotency_rules_through_the_process(server, http):
+    user, key = new_id(), new_id("key-")
+    url = server.url + DEPOSIT
+    first = http.post(url, data=json.dumps({"user_id": user, "amount": 7}), headers={"Idempotency-Key": key},
+                      timeout=TIMEOUT)
+    assert ok(first)["balance"] == 7 and "Idempotent-Replayed" not in first.headers
+    # The same JSON value with other spacing and key order, sent without a Content-Type.
+    again = http.post(url, data=f'{{ "amount" : 7 ,\n "user_id" : "{user}" }}', headers={"Idempotency-Key": key},
+                      timeout=TIMEOUT)
+    assert ok(again) == ok(first) and again.headers.get("Idempotent-Replayed") == "true"
+    # Another body, and the same body on another path: 422.
+    refused(http.post(url, json={"user_id": user, "amount": 8}, headers={"Idempotency-Key": key}, timeout=TIMEOUT),
+            422, "idempotency_key_reused")
+    refused(http.post(server.url + WITHDRAW, json={"user_id": user, "amount": 7}, headers={"Idempotency-Key": key},
+                      timeout=TIMEOUT), 422, "idempotency_key_reused")
+    # Empty and over-long keys are invalid; 255 printable characters are fine.
+    for bad in ("", "k" * 256):
+        refused(http.post(url, json={"user_id": user, "amount": 1}, headers={"Idempotency-Key": bad},
+                          timeout=TIMEOUT), 400, "invalid_request")
+    long_key = new_id("L").ljust(255, "~")
+    assert ok(http.post(url, json={"user_id": user, "amount": 1}, headers={"Idempotency-Key": long_key},
+                        timeout=TIMEOUT))["balance"] == 8
+    assert ok(http.get(f"{server.url}/api/wallet/balance/{user}", timeout=TIMEOUT))["balance"] == 8
+
+
+def test_a_400_is_not_remembered_and_a_409_is_replayed_with_its_header(server, http):
+    user, key, key409 = new_id(), new_id("k400-"), new_id("k409-")
+    url = server.url + DEPOSIT
+    refused(http.post(url, json={"user_id": user, "amount": 1.0}, headers={"Idempotency-Key": key},
+                      timeout=TIMEOUT), 400, "invalid_request")
+    first = http.post(url, json={"user_id": user, "amount": 5}, headers={"Idempotency-Key": key}, timeout=TIMEOUT)
+    assert ok(first)["balance"] == 5 and "Idempotent-Replayed" not in first.headers
+    wd = server.url + WITHDRAW
+    refusal = http.post(wd, json={"user_id": user, "amount": 6}, headers={"Idempotency-Key": key409}, timeout=TIMEOUT)
+    assert refused(refusal, 409, "insufficient_funds")["balance"] == 5
+    assert "Idempotent-Replayed" not in refusal.headers
+    ok(http.post(url, json={"user_id": user, "amount": 100}, timeout=TIMEOUT))
+    # Now the withdrawal would succeed, but the key gives back the first answer and applies nothing.
+    replay = http.post(wd, json={"user_id": user, "amount": 6}, headers={"Idempotency-Key": key409}, timeout=TIMEOUT)
+    assert replay.status_code == 409 and replay.json() == refusal.json()
+    assert replay.headers.get("Idempotent-Replayed") == "true"
+    assert ok(http.get(f"{server.url}/api/wallet/balance/{user}", timeout=TIMEOUT))["balance"] == 105
+
+
+# -- section 3: "Net winnings are exact and fit a signed 64-bit integer" (the upper bound) ---------------
+
+
+def test_net_winnings_above_int64_max_are_409_and_change_nothing(client, uid):
+    def post(path, body):
+        return client.post(path, json=body)
+
+    won = post(OUTCOMES, {"user_id": uid, "game": "g", "bet": 0, "payout": INT64_MAX})
+    assert won.status_code == 200 and won.json["net"] == INT64_MAX
+    assert post(WITHDRAW, {"user_id": uid, "amount": INT64_MAX}).status_code == 200  # balance 0, net at the max
+    before = (client.get(f"/api/wallet/balance/{uid}").json, client.get(f"/api/wallet/transactions/{uid}").json,
+              client.get("/api/leaderboard").json)
+    for bet, payout in ((0, 1), (0, INT64_MAX)):
+        r = post(OUTCOMES, {"user_id": uid, "game": "g", "bet": bet, "payout": payout})
+        assert r.status_code == 409 and r.json["error"] == "balance_limit_exceeded", r.json
+    assert post(DEPOSIT, {"user_id": uid, "amount": 5}).status_code == 200
+    r = post(OUTCOMES, {"user_id": uid, "game": "g", "bet": 1, "payout": 2})  # net +1: still beyond
+    assert r.status_code == 409 and r.json["error"] == "balance_limit_exceeded"
+    r = post(OUTCOMES, {"user_id": uid, "game": "g", "bet": 2, "payout": 2})  # net +0: fine
+    assert r.status_code == 200
+    after_balance = client.get(f"/api/wallet/balance/{uid}").json
+    assert after_balance["balance"] == before[0]["balance"] + 5
+    assert client.get("/api/leaderboard").json == before[2]
+
+
+# -- section 4: "The server sends WebSocket pings at least every 30 seconds" -------------------------------
+
+
+def test_websocket_pings_are_sent_at_least_every_30_seconds(app):
+    interval = app.config["SOCK_SERVER_OPTIONS"]["ping_interval"]
+    assert interval and 0 < interval <= 30
+
+
+# -- section 4: replies carry the client's id, whatever their type --------------------------------------
+
+
+def test_every_reply_type_echoes_the_id_and_an_error_changes_nothing(server):
+    import simple_websocket
+
+    client = simple_websocket.Client.connect(server.ws_url + "?events=leaderboard")
+    try:
+        def recv() -> dict:
+            raw = client.receive(timeout=TIMEOUT)
+            assert raw is not None, "no message"
+            return json.loads(raw)
+
+        # The nudge ping of the server makes the client process what came with the handshake.
+        first = recv()
+        assert first["type"] == "subscribed" and "recovered" not in first and "id" not in first
+        assert isinstance(first["seq"], int) and isinstance(first["epoch"], str) and first["epoch"]
+        snapshot = recv()
+        assert snapshot["type"] == "leaderboard" and snapshot["seq"] == first["seq"]
+        user = new_id()
+        requests_ = [
+            ({"action": "ping", "id": 1}, {"type": "pong", "id": 1}),
+            ({"action": "ping", "id": "a"}, {"type": "pong", "id": "a"}),
+            ({"action": "subscribe", "events": ["balance"], "id": 2}, "error"),
+            ({"action": "subscribe", "events": ["nope"], "id": 3}, "error"),
+            ({"action": "subscribe", "events": ["game_outcomes"], "user_id": "a b", "id": 4}, "error"),
+            ({"action": "dance", "id": 5}, "error"),
+            ({"action": "subscribe", "events": ["game_outcomes"], "since": 1, "id": 6}, "error"),
+            ({"action": "subscribe", "events": [], "id": 7}, "subscribed"),
+            ({"action": "subscribe", "events": ["balance"], "user_id": user, "id": 8}, "subscribed"),
+            ({"action": "unsubscribe", "events": ["balance"], "id": 9}, "unsubscribed"),
+        ]
+        for message, expected in requests_:
+            client.send(json.dumps(message))
+            reply = recv()
+            if isinstance(expected, dict):
+                assert reply == expected
+                continue
+            assert reply["type"] == expected and reply["id"] == message["id"], (message, reply)
+            if expected == "error":
+                assert reply["error"] == "invalid_message" and reply["message"], reply
+            elif expected == "subscribed":
+                assert {"events", "user_id", "seq", "epoch"} <= set(reply) and "recovered" not in reply
+            else:
+                assert reply == {"type": "unsubscribed", "events": ["leaderboard"], "id": 9}
+        client.send(b"\x00binary")
+        reply = recv()
+        assert reply["type"] == "error" and reply["error"] == "invalid_message"
+        client.send(json.dumps({"action": "subscribe", "events": [], "id": "state"}))
+        state = recv()
+        assert (state["events"], state["user_id"], state["id"]) == (["leaderboard"], user, "state")
+    finally:
+        client.close()
+
+
+# -- section 1: "On start it logs one line per listener with the address it actually bound" ----------------
+
+
+def test_each_listener_line_names_the_bound_port(server):
+    log = wait_for(server.log, timeout=5)
+    lines = [line for line in log.splitlines() if "listening on" in line]
+    assert len(lines) == 2
+    assert any(f":{server.http_port}" in line for line in lines)
+    assert any(f":{server.grpc_port}" in line and "gRPC" in line for line in lines)
