@@ -30,6 +30,11 @@ from redis_store import RedisEventReader, RedisStartupError, open_redis
 from wallet_store import MemoryStore, Store
 
 log = logging.getLogger("wallet.http")
+# The start-up lines the contract requires (one per listener with its bound address; the WARNING that
+# authentication is off) are how operators and scripts learn the ports and the risk: pinned to INFO so
+# they are printed whatever --log-level says.
+startup = logging.getLogger("wallet.startup")
+startup.setLevel(logging.INFO)
 
 
 def create_app(store: Store, hub: EventHub, auth: Auth | None = None, allowed_origins: Iterable[str] = ()) -> Flask:
@@ -90,7 +95,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except (RedisStartupError, OSError) as exc:
         http_sock.close()
         return _exit(1, str(exc).splitlines()[0])
-    auth.log_startup()  # a WARNING when authentication is off
+    auth.log_startup(startup)  # a WARNING when authentication is off
     log.info("state: %s", "in this process" if reader is None else
              f"Redis at {settings.redact_url(cfg.redis_url or '')}, key prefix {cfg.redis_prefix}")
     _raise_open_file_limit()
@@ -103,9 +108,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http-accept",
                      daemon=True).start()
     host, port = server.server_address[:2]
-    log.info("HTTP and WebSocket listening on http://%s:%d (ws://%s:%d/ws), at most %d connections",
-             host, port, host, port, cfg.max_connections)
-    logging.getLogger("wallet.grpc").info("gRPC listening on %s:%d", cfg.host, grpc_service.port)
+    startup.info("HTTP and WebSocket listening on http://%s:%d (ws://%s:%d/ws), at most %d connections",
+                 host, port, host, port, cfg.max_connections)
+    startup.info("gRPC listening on %s:%d", cfg.host, grpc_service.port)
     while not stop.wait(1.0):
         pass
     shutdown(server, grpc_service, app.extensions["wallet.ws"], reader, store)

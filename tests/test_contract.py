@@ -315,3 +315,14 @@ def test_each_listener_line_names_the_bound_port(server):
     assert len(lines) == 2
     assert any(f":{server.http_port}" in line for line in lines)
     assert any(f":{server.grpc_port}" in line and "gRPC" in line for line in lines)
+
+
+def test_listener_lines_and_the_auth_warning_are_logged_whatever_the_log_level(start_server):
+    # Start-up waits for both listener lines (conftest reads the ports from them): at ERROR they must be there.
+    srv = start_server("--log-level", "ERROR")
+    lines = srv.log().splitlines()
+    assert any(f"127.0.0.1:{srv.http_port}" in line and "listening on" in line for line in lines)
+    assert any(f"127.0.0.1:{srv.grpc_port}" in line and "gRPC listening on" in line for line in lines)
+    assert any("WARNING" in line and "authentication is OFF" in line for line in lines)
+    # The level is still honoured: the other start-up INFO line (written before the listener lines) is not there.
+    assert not any("state: in this process" in line for line in lines), lines
