@@ -3,7 +3,8 @@
 Each test here closes a point that the other test files checked only in-process, only partly, or not at
 all (the checklist is /tmp/team/H10_checklist.md): the JSON content type of every answer the server makes
 itself, exact success shapes over sockets, idempotency through the real HTTP layer, the upper bound of net
-winnings, the WebSocket ping interval, and the reply `id` on every WebSocket reply type.
+winnings, the WebSocket ping interval, and the reply `id` on every WebSocket reply type. Tests on the
+`server` fixture run with the state in the process and in Redis (conftest), as section 7 asks.
 """
 
 import json
@@ -13,8 +14,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import Server, wait_for
-from redis_server import redis_server, service_args  # noqa: F401  (fixture)
+from conftest import wait_for
 
 TIMEOUT = 10  # seconds; only a broken server gets near it
 INT64_MAX = 2**63 - 1
@@ -23,18 +23,6 @@ WITHDRAW = "/api/wallet/withdraw"
 OUTCOMES = "/api/games/outcomes"
 WS_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
 UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-
-
-@pytest.fixture(scope="module", params=["memory", "redis"])
-def service(request, tmp_path_factory):
-    """The real process with its state in the process, then in Redis (section 7: every rule holds there too)."""
-    if request.param == "memory":
-        yield request.getfixturevalue("server")
-        return
-    srv = Server(tmp_path_factory.mktemp("contract-redis"), service_args(request.getfixturevalue("redis_server")))
-    yield srv
-    code = srv.stop()
-    assert code == 0 and "Traceback" not in srv.log(), srv.log()[-3000:]
 
 
 def new_id(prefix: str = "c") -> str:
@@ -123,6 +111,7 @@ SERVER_MADE = {
 }
 
 
+@pytest.mark.memory_only("the HTTP layer answers these before any store is asked")
 @pytest.mark.parametrize("name", list(SERVER_MADE))
 def test_every_error_the_server_makes_is_a_json_envelope(server, name):
     data, status, code = SERVER_MADE[name]
@@ -137,9 +126,9 @@ def test_every_error_the_server_makes_is_a_json_envelope(server, name):
 # -- section 3 table: exact success shapes over the real process ------------------------------------------
 
 
-def test_success_rows_have_exactly_the_contract_fields(service, http):
+def test_success_rows_have_exactly_the_contract_fields(server, http):
     user = new_id()
-    base = service.url
+    base = server.url
     body = ok(http.post(base + DEPOSIT, json={"user_id": user, "amount": 500}, timeout=TIMEOUT))
     assert set(body) == {"user_id", "balance", "transaction_id"} and body["user_id"] == user
     assert body["balance"] == 500
@@ -168,18 +157,18 @@ def test_success_rows_have_exactly_the_contract_fields(service, http):
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
 
 
-def test_integer_user_ids_and_64_bit_amount_edges_over_the_process(service, http):
+def test_integer_user_ids_and_64_bit_amount_edges_over_the_process(server, http):
     number = int(uuid.uuid4().int % 10**15) + 1  # a positive integer no other test uses
-    body = ok(http.post(service.url + DEPOSIT, json={"user_id": number, "amount": INT64_MAX}, timeout=TIMEOUT))
+    body = ok(http.post(server.url + DEPOSIT, json={"user_id": number, "amount": INT64_MAX}, timeout=TIMEOUT))
     assert body["user_id"] == str(number) and body["balance"] == INT64_MAX
-    assert ok(http.get(f"{service.url}/api/wallet/balance/{number}", timeout=TIMEOUT))["balance"] == INT64_MAX
-    refused(http.post(service.url + DEPOSIT, json={"user_id": str(number), "amount": 1}, timeout=TIMEOUT),
+    assert ok(http.get(f"{server.url}/api/wallet/balance/{number}", timeout=TIMEOUT))["balance"] == INT64_MAX
+    refused(http.post(server.url + DEPOSIT, json={"user_id": str(number), "amount": 1}, timeout=TIMEOUT),
             409, "balance_limit_exceeded")
-    too_big = refused(http.post(service.url + DEPOSIT, json={"user_id": new_id(), "amount": 2**63}, timeout=TIMEOUT),
+    too_big = refused(http.post(server.url + DEPOSIT, json={"user_id": new_id(), "amount": 2**63}, timeout=TIMEOUT),
                       400, "invalid_request")
     assert "amount" in too_big["message"]
     poor = new_id()
-    body = refused(http.post(service.url + WITHDRAW, json={"user_id": poor, "amount": 1}, timeout=TIMEOUT),
+    body = refused(http.post(server.url + WITHDRAW, json={"user_id": poor, "amount": 1}, timeout=TIMEOUT),
                    409, "insufficient_funds")
     assert body == {"error": "insufficient_funds", "message": "not enough money", "balance": 0}
 
@@ -187,9 +176,9 @@ def test_integer_user_ids_and_64_bit_amount_edges_over_the_process(service, http
 # -- section 3, idempotency, through the real HTTP layer ------------------------------------------------
 
 
-def test_idempotency_rules_through_the_process(service, http):
+def test_idempotency_rules_through_the_process(server, http):
     user, key = new_id(), new_id("key-")
-    url = service.url + DEPOSIT
+    url = server.url + DEPOSIT
     first = http.post(url, data=json.dumps({"user_id": user, "amount": 7}), headers={"Idempotency-Key": key},
                       timeout=TIMEOUT)
     assert ok(first)["balance"] == 7 and "Idempotent-Replayed" not in first.headers
@@ -200,7 +189,7 @@ def test_idempotency_rules_through_the_process(service, http):
     # Another body, and the same body on another path: 422.
     refused(http.post(url, json={"user_id": user, "amount": 8}, headers={"Idempotency-Key": key}, timeout=TIMEOUT),
             422, "idempotency_key_reused")
-    refused(http.post(service.url + WITHDRAW, json={"user_id": user, "amount": 7}, headers={"Idempotency-Key": key},
+    refused(http.post(server.url + WITHDRAW, json={"user_id": user, "amount": 7}, headers={"Idempotency-Key": key},
                       timeout=TIMEOUT), 422, "idempotency_key_reused")
     # Empty and over-long keys are invalid; 255 printable characters are fine.
     for bad in ("", "k" * 256):
@@ -209,17 +198,17 @@ def test_idempotency_rules_through_the_process(service, http):
     long_key = new_id("L").ljust(255, "~")
     assert ok(http.post(url, json={"user_id": user, "amount": 1}, headers={"Idempotency-Key": long_key},
                         timeout=TIMEOUT))["balance"] == 8
-    assert ok(http.get(f"{service.url}/api/wallet/balance/{user}", timeout=TIMEOUT))["balance"] == 8
+    assert ok(http.get(f"{server.url}/api/wallet/balance/{user}", timeout=TIMEOUT))["balance"] == 8
 
 
-def test_a_400_is_not_remembered_and_a_409_is_replayed_with_its_header(service, http):
+def test_a_400_is_not_remembered_and_a_409_is_replayed_with_its_header(server, http):
     user, key, key409 = new_id(), new_id("k400-"), new_id("k409-")
-    url = service.url + DEPOSIT
+    url = server.url + DEPOSIT
     refused(http.post(url, json={"user_id": user, "amount": 1.0}, headers={"Idempotency-Key": key},
                       timeout=TIMEOUT), 400, "invalid_request")
     first = http.post(url, json={"user_id": user, "amount": 5}, headers={"Idempotency-Key": key}, timeout=TIMEOUT)
     assert ok(first)["balance"] == 5 and "Idempotent-Replayed" not in first.headers
-    wd = service.url + WITHDRAW
+    wd = server.url + WITHDRAW
     refusal = http.post(wd, json={"user_id": user, "amount": 6}, headers={"Idempotency-Key": key409}, timeout=TIMEOUT)
     assert refused(refusal, 409, "insufficient_funds")["balance"] == 5
     assert "Idempotent-Replayed" not in refusal.headers
@@ -228,7 +217,7 @@ def test_a_400_is_not_remembered_and_a_409_is_replayed_with_its_header(service, 
     replay = http.post(wd, json={"user_id": user, "amount": 6}, headers={"Idempotency-Key": key409}, timeout=TIMEOUT)
     assert replay.status_code == 409 and replay.json() == refusal.json()
     assert replay.headers.get("Idempotent-Replayed") == "true"
-    assert ok(http.get(f"{service.url}/api/wallet/balance/{user}", timeout=TIMEOUT))["balance"] == 105
+    assert ok(http.get(f"{server.url}/api/wallet/balance/{user}", timeout=TIMEOUT))["balance"] == 105
 
 
 # -- section 3: "Net winnings are exact and fit a signed 64-bit integer" (the upper bound) ---------------
@@ -256,32 +245,32 @@ def test_net_winnings_above_int64_max_are_409_and_change_nothing(client, uid):
     assert client.get("/api/leaderboard").json == before[2]
 
 
-def test_net_winnings_bounds_over_the_process(service, http):
+def test_net_winnings_bounds_over_the_process(server, http):
     """Both ends of the signed 64-bit range of net winnings, exactly, whatever the store."""
     def play(user, bet, payout):
-        return http.post(service.url + OUTCOMES, json={"user_id": user, "game": "g", "bet": bet, "payout": payout},
+        return http.post(server.url + OUTCOMES, json={"user_id": user, "game": "g", "bet": bet, "payout": payout},
                          timeout=TIMEOUT)
 
     def row(user):
-        board = ok(http.get(service.url + "/api/leaderboard", timeout=TIMEOUT))["leaderboard"]
+        board = ok(http.get(server.url + "/api/leaderboard", timeout=TIMEOUT))["leaderboard"]
         return [r["net_winnings"] for r in board if r["user_id"] == user]
 
     lucky, unlucky = new_id("lucky"), new_id("unlucky")
     assert ok(play(lucky, 0, INT64_MAX))["net"] == INT64_MAX
-    ok(http.post(service.url + WITHDRAW, json={"user_id": lucky, "amount": INT64_MAX}, timeout=TIMEOUT))
-    ok(http.post(service.url + DEPOSIT, json={"user_id": lucky, "amount": 10}, timeout=TIMEOUT))
+    ok(http.post(server.url + WITHDRAW, json={"user_id": lucky, "amount": INT64_MAX}, timeout=TIMEOUT))
+    ok(http.post(server.url + DEPOSIT, json={"user_id": lucky, "amount": 10}, timeout=TIMEOUT))
     refused(play(lucky, 0, 1), 409, "balance_limit_exceeded")
     refused(play(lucky, 1, 2), 409, "balance_limit_exceeded")
     assert ok(play(lucky, 3, 3))["balance"] == 10
-    assert ok(http.get(f"{service.url}/api/wallet/balance/{lucky}", timeout=TIMEOUT))["balance"] == 10
+    assert ok(http.get(f"{server.url}/api/wallet/balance/{lucky}", timeout=TIMEOUT))["balance"] == 10
     assert row(lucky) in ([INT64_MAX], [])  # [] only if ten others tie above it (user id order)
-    ok(http.post(service.url + DEPOSIT, json={"user_id": unlucky, "amount": INT64_MAX}, timeout=TIMEOUT))
+    ok(http.post(server.url + DEPOSIT, json={"user_id": unlucky, "amount": INT64_MAX}, timeout=TIMEOUT))
     assert ok(play(unlucky, INT64_MAX, 0))["net"] == -INT64_MAX
-    ok(http.post(service.url + DEPOSIT, json={"user_id": unlucky, "amount": 10}, timeout=TIMEOUT))
+    ok(http.post(server.url + DEPOSIT, json={"user_id": unlucky, "amount": 10}, timeout=TIMEOUT))
     assert ok(play(unlucky, 1, 0))["balance"] == 9  # net winnings now exactly -2**63
     refused(play(unlucky, 1, 0), 409, "balance_limit_exceeded")
     refused(play(unlucky, 3, 1), 409, "balance_limit_exceeded")
-    txs = ok(http.get(f"{service.url}/api/wallet/transactions/{unlucky}", timeout=TIMEOUT))["transactions"]
+    txs = ok(http.get(f"{server.url}/api/wallet/transactions/{unlucky}", timeout=TIMEOUT))["transactions"]
     assert [(t["type"], t["amount"]) for t in txs] == [("bet", 1), ("deposit", 10), ("bet", INT64_MAX),
                                                         ("deposit", INT64_MAX)]
 
@@ -297,10 +286,10 @@ def test_websocket_pings_are_sent_at_least_every_30_seconds(app):
 # -- section 4: replies carry the client's id, whatever their type --------------------------------------
 
 
-def test_every_reply_type_echoes_the_id_and_an_error_changes_nothing(service):
+def test_every_reply_type_echoes_the_id_and_an_error_changes_nothing(server):
     import simple_websocket
 
-    client = simple_websocket.Client.connect(service.ws_url + "?events=leaderboard")
+    client = simple_websocket.Client.connect(server.ws_url + "?events=leaderboard")
     try:
         def recv() -> dict:
             raw = client.receive(timeout=TIMEOUT)
@@ -352,6 +341,7 @@ def test_every_reply_type_echoes_the_id_and_an_error_changes_nothing(service):
 # -- section 1: "On start it logs one line per listener with the address it actually bound" ----------------
 
 
+@pytest.mark.memory_only("start-up lines do not depend on the store")
 def test_each_listener_line_names_the_bound_port(server):
     log = wait_for(server.log, timeout=5)
     lines = [line for line in log.splitlines() if "listening on" in line]
