@@ -5,6 +5,14 @@
   idempotency, authorization and everything else that needs no socket.
 - Process (`server`, `start_server`): the real `python app.py` on free ports, talked to over sockets:
   framing, keep-alive, WebSocket delivery, shutdown, flags.
+
+Both stores: every test that uses `server` (or `store_args`) runs twice, as `[memory]` (the in-process
+store) and `[redis]` (`--redis-url` on a redis-server this session starts, tests/redis_server.py), so the
+two cannot drift from the contract. A test about the in-process store itself, or one too heavy to double,
+says so with `@pytest.mark.memory_only("why")` and runs as `[memory]` only. Without the redis-server
+binary the `[redis]` variants skip with the harness's reason (and fail with CI=true). A test that starts
+a server of its own puts it on the test's store with `start_server(*store_args)`; a bare `start_server()`
+(flags, shutdown, floods) is on the in-process store.
 """
 
 import os
@@ -22,10 +30,27 @@ import requests
 import events
 from app import create_app
 from events import EventHub
+from redis_server import own_redis_server, redis_server, service_args  # noqa: F401 (fixtures for every test file)
 from wallet_store import MemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTEN = re.compile(r"listening on http://[^:]+:(\d+)|gRPC listening on \S+:(\d+)")
+STORES = ("memory", "redis")
+_BOTH_STORE_FIXTURES = ("server", "store_args")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "memory_only(reason): run against the in-process store only (the `server` and `store_args` "
+                   "fixtures are otherwise parametrized [memory] and [redis])")
+
+
+def pytest_generate_tests(metafunc):
+    """`[memory]` and `[redis]` for every test that uses `server` or `store_args`, unless marked memory_only."""
+    stores = ["memory"] if metafunc.definition.get_closest_marker("memory_only") else list(STORES)
+    for name in _BOTH_STORE_FIXTURES:
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, stores, indirect=True)
 
 
 def wait_for(condition, timeout=10.0, interval=0.01, message="condition"):
@@ -44,6 +69,7 @@ class Server:
     """A running `python app.py` started on port 0; the ports are read from its start-up log."""
 
     def __init__(self, log_dir, args=(), env=None, port_flags=True):
+        self.store = "redis" if "--redis-url" in args or (env or {}).get("REDIS_URL") else "memory"
         self.log_path = Path(log_dir) / f"server-{uuid.uuid4().hex[:8]}.log"
         self.log_file = open(self.log_path, "w+b")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -87,13 +113,28 @@ class Server:
         return self.proc.returncode
 
 
+def _store_args(request) -> tuple[str, ...]:
+    """app.py flags for the store this test runs against; a Redis store gets a key prefix of its own."""
+    store = getattr(request, "param", "memory")
+    if store == "memory":
+        return ()
+    return service_args(request.getfixturevalue("redis_server"))  # skips (fails with CI=true) without the binary
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("server"))
+def server(request, tmp_path_factory):
+    """One `python app.py` per store, shared by the session: tests tell their data apart by user id."""
+    srv = Server(tmp_path_factory.mktemp(f"server-{getattr(request, 'param', 'memory')}"), _store_args(request))
     yield srv
     code = srv.stop()
     assert code == 0, f"server exited with {code}:\n{srv.log()[-5000:]}"
     assert "Traceback" not in srv.log(), srv.log()[-5000:]
+
+
+@pytest.fixture
+def store_args(request) -> tuple[str, ...]:
+    """Flags for `start_server(*store_args)`: a server of this test alone on the parametrized store, empty."""
+    return _store_args(request)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import requests
 from test_ws import TIMEOUT, WS, deposit, get_board, is_event, play
 
-from redis_server import own_redis_server, redis_server, service_args  # noqa: F401 (fixtures)
+from redis_server import service_args
 
 
 @pytest.fixture
@@ -107,8 +107,8 @@ def test_since_in_a_subscribe_message(server, connect, uid, http):
     assert "recovered" not in again.expect("subscribed", id="plain")
 
 
-def test_recovery_of_the_leaderboard_replays_instead_of_a_snapshot(start_server, connect, http):
-    srv = start_server()
+def test_recovery_of_the_leaderboard_replays_instead_of_a_snapshot(start_server, store_args, connect, http):
+    srv = start_server(*store_args)
     sub, ws = first_session(connect, srv.ws_url, "events=leaderboard")
     ws.expect("leaderboard")
     ws.close()
@@ -152,8 +152,8 @@ def test_since_beyond_the_latest_event_is_not_recovered(server, connect, uid):
 
 
 @pytest.mark.heavy
-def test_history_too_old_gets_recovered_false(start_server, connect, http):
-    srv = start_server()
+def test_history_too_old_gets_recovered_false(start_server, store_args, connect, http):
+    srv = start_server(*store_args)
     sub, ws = first_session(connect, srv.ws_url, "events=balance&user_id=old0")
     ws.close()
     # More than the 10,000 retained events after `since`: 4 writers, 2,510 deposits each.
@@ -253,6 +253,8 @@ def test_reconnect_while_threads_write_loses_and_repeats_nothing(server, connect
     assert got == entries[1:], "the events are not the ledger after the subscription: a gap or a reordering"
 
 
+@pytest.mark.memory_only("the in-process store forgets everything on a restart; with Redis the epoch "
+                        "survives it: test_epoch_and_history_survive_a_restart_with_redis")
 def test_a_restart_changes_the_epoch(start_server, connect, http):
     first = start_server()
     sub, ws = first_session(connect, first.ws_url, "events=game_outcomes")
@@ -285,7 +287,7 @@ def test_timing_of_a_large_replay(server, connect, uid, http):
 # -- with the state in Redis (CONTRACT.md section 7) -------------------------------------------------
 
 
-def test_recovery_across_processes_sharing_redis(start_server, connect, redis_server, uid, http):  # noqa: F811
+def test_recovery_across_processes_sharing_redis(start_server, connect, redis_server, uid, http):
     args = service_args(redis_server)
     a, b = start_server(*args), start_server(*args)
     query = f"events=balance&user_id={uid}"
@@ -307,7 +309,7 @@ def test_recovery_across_processes_sharing_redis(start_server, connect, redis_se
     assert msg["data"]["transaction_id"] == live["transaction_id"] and msg["seq"] == replayed[-1]["seq"] + 1
 
 
-def test_epoch_and_history_survive_a_restart_with_redis(start_server, connect, redis_server, uid, http):  # noqa: F811
+def test_epoch_and_history_survive_a_restart_with_redis(start_server, connect, redis_server, uid, http):
     args = service_args(redis_server)
     first = start_server(*args)
     sub, ws = first_session(connect, first.ws_url, f"events=balance&user_id={uid}")
@@ -322,7 +324,7 @@ def test_epoch_and_history_survive_a_restart_with_redis(start_server, connect, r
 
 
 def test_redis_losing_its_data_closes_subscribers_with_1011_and_changes_the_epoch(
-        start_server, connect, own_redis_server, uid, http):  # noqa: F811
+        start_server, connect, own_redis_server, uid, http):
     srv = start_server(*service_args(own_redis_server))
     sub, ws = first_session(connect, srv.ws_url, f"events=balance,leaderboard&user_id={uid}")
     ws.expect("leaderboard")

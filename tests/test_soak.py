@@ -1,4 +1,5 @@
-"""A few seconds of mixed load: HTTP writes, gRPC reads and WebSocket subscribers at once."""
+"""A few seconds of mixed load: HTTP writes, gRPC reads and WebSocket subscribers at once, on each store
+(a server of its own: the users here are fixed names)."""
 
 import json
 import random
@@ -17,8 +18,8 @@ USERS = [f"soak{i}" for i in range(6)]
 DURATION = 4.0
 
 
-def test_mixed_soak_conserves_money_and_orders_events(start_server):
-    srv = start_server()
+def test_mixed_soak_conserves_money_and_orders_events(start_server, store_args):
+    srv = start_server(*store_args)
     # One watcher per user for balance events, plus one for everything public.
     watchers = {u: simple_websocket.Client.connect(f"{srv.ws_url}?events=balance,game_outcomes&user_id={u}")
                 for u in USERS}

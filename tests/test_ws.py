@@ -342,8 +342,8 @@ def test_unsubscribed_event_type_is_no_longer_delivered(server, connect, uid, ht
     assert [m["type"] for m in skipped] == ["game_outcome"], f"balance after unsubscribe: {skipped!r}"
 
 
-def test_unsubscribed_leaderboard_is_no_longer_delivered(start_server, connect, http):
-    srv = start_server()
+def test_unsubscribed_leaderboard_is_no_longer_delivered(start_server, store_args, connect, http):
+    srv = start_server(*store_args)
     ws = connect(f"{srv.ws_url}?events=leaderboard,game_outcomes")
     ws.expect("subscribed")
     ws.expect("leaderboard")
@@ -675,8 +675,8 @@ def test_seq_is_shared_and_consistent_across_connections(server, connect, uid, h
 # -- leaderboard ---------------------------------------------------------------------------------
 
 
-def test_leaderboard_changes_are_published_as_get_shows_them(start_server, connect, http):
-    srv = start_server()
+def test_leaderboard_changes_are_published_as_get_shows_them(start_server, store_args, connect, http):
+    srv = start_server(*store_args)
     ws = connect(f"{srv.ws_url}?events=leaderboard")
     ws.expect("subscribed")
     snapshot = ws.expect("leaderboard")
@@ -712,8 +712,8 @@ def test_leaderboard_changes_are_published_as_get_shows_them(start_server, conne
                             {"rank": 3, "user_id": "alice", "net_winnings": 101}]
 
 
-def test_leaderboard_non_change_is_not_published(start_server, connect, http):
-    srv = start_server()
+def test_leaderboard_non_change_is_not_published(start_server, store_args, connect, http):
+    srv = start_server(*store_args)
     players = [f"p{i:02d}" for i in range(11)]
     for i, player in enumerate(players):
         play(http, srv.url, player, 0, 1000 - 50 * i)  # p00 has 1000 ... p10 has 500, outside the top 10
@@ -748,8 +748,8 @@ def test_leaderboard_non_change_is_not_published(start_server, connect, http):
     assert msg["data"] == get_board(http, srv.url)
 
 
-def test_snapshot_seq_is_the_latest_published_seq(start_server, connect, http):
-    srv = start_server()
+def test_snapshot_seq_is_the_latest_published_seq(start_server, store_args, connect, http):
+    srv = start_server(*store_args)
     watcher = connect(f"{srv.ws_url}?events=game_outcomes,leaderboard,balance&user_id=solo")
     watcher.expect("subscribed")
     first = watcher.expect("leaderboard")
@@ -872,7 +872,7 @@ class RawWebSocket:
 
 
 def test_slow_consumer_is_closed_with_1013_and_others_get_everything(start_server, connect):
-    srv = start_server()
+    srv = start_server()  # memory only: the cut-off is ws.py's, after the hub, whichever store feeds it
     total, threads = 3000, 4
     users = [f"slow{i}" for i in range(threads)]
     with requests.Session() as s:
