@@ -58,6 +58,11 @@ def open_store(cfg: settings.Settings, hub: EventHub) -> tuple[Store, RedisEvent
     return open_redis(cfg.redis_url, cfg.redis_prefix, hub)
 
 
+def _address(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets as in a URL."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _exit(code: int, message: str) -> int:
     sys.stderr.write(f"{settings.PROG}: error: {message}\n")
     return code
@@ -107,10 +112,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http-accept",
                      daemon=True).start()
-    host, port = server.server_address[:2]
-    startup.info("HTTP and WebSocket listening on http://%s:%d (ws://%s:%d/ws), at most %d connections",
-                 host, port, host, port, cfg.max_connections)
-    startup.info("gRPC listening on %s:%d", cfg.host, grpc_service.port)
+    http_at = _address(*server.server_address[:2])
+    startup.info("HTTP and WebSocket listening on http://%s (ws://%s/ws), at most %d connections",
+                 http_at, http_at, cfg.max_connections)
+    startup.info("gRPC listening on %s", _address(cfg.host, grpc_service.port))
     while not stop.wait(1.0):
         pass
     shutdown(server, grpc_service, app.extensions["wallet.ws"], reader, store)
