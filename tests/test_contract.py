@@ -365,3 +365,43 @@ def test_listener_lines_and_the_auth_warning_are_logged_whatever_the_log_level(s
     assert any("WARNING" in line and "authentication is OFF" in line for line in lines)
     # The level is still honoured: the other start-up INFO line (written before the listener lines) is not there.
     assert not any("state: in this process" in line for line in lines), lines
+
+
+# -- section 6: "one line ... per WebSocket connect, subscription change and disconnect"; client text escaped --
+
+
+@pytest.mark.memory_only("log lines do not depend on the store")
+def test_websocket_connect_subscription_changes_and_disconnect_are_logged_one_line_each(server):
+    import simple_websocket
+
+    user = new_id()
+    client = simple_websocket.Client.connect(server.ws_url + "?events=leaderboard")
+    peer = f"127.0.0.1:{client.sock.getsockname()[1]}"
+    try:
+        for message in ({"action": "subscribe", "events": ["balance"], "user_id": user, "id": 1},
+                        {"action": "unsubscribe", "events": ["leaderboard"], "id": 2},
+                        {"action": "subscribe", "events": ["bad\nname\x1b[31m\x00"], "id": 3},
+                        {"action": "ping", "id": 4}):
+            client.send(json.dumps(message))
+        while True:  # every reply up to the pong: the messages before it were handled
+            raw = client.receive(timeout=TIMEOUT)
+            assert raw is not None, "no pong"
+            if json.loads(raw).get("id") == 4:
+                break
+    finally:
+        client.close()
+
+    def mine() -> list[str]:
+        return [line for line in server.log().splitlines() if peer in line]
+
+    lines = wait_for(lambda: (lambda ls: ls if any("disconnected" in ln for ln in ls) else None)(mine()),
+                     timeout=TIMEOUT, message=f"the disconnect line of {peer}")
+    assert any("connected" in ln and "leaderboard" in ln for ln in lines), lines
+    assert any("subscribed" in ln and "balance" in ln and user in ln for ln in lines), lines
+    assert any("unsubscribed" in ln for ln in lines), lines
+    assert sum("disconnected" in ln for ln in lines) == 1, lines
+    refusal = [ln for ln in lines if "bad" in ln]
+    assert refusal, lines
+    for line in refusal:
+        assert "\x1b" not in line and "\x00" not in line
+    assert "\x1b" not in server.log() and "\x00" not in server.log()
