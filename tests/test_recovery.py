@@ -152,6 +152,8 @@ def test_since_beyond_the_latest_event_is_not_recovered(server, connect, uid):
 
 
 @pytest.mark.heavy
+@pytest.mark.memory_only("10,000 writes; what is retained is the hub's history whichever store feeds it, and "
+                        "the Redis stream's trimming is test_redis_store's")
 def test_history_too_old_gets_recovered_false(start_server, store_args, connect, http):
     srv = start_server(*store_args)
     sub, ws = first_session(connect, srv.ws_url, "events=balance&user_id=old0")
