@@ -8,12 +8,18 @@ winnings, the WebSocket ping interval, and the reply `id` on every WebSocket rep
 """
 
 import json
+import signal
 import socket
+import time
 import uuid
 
+import grpc
 import pytest
 import requests
+import simple_websocket
 
+import wallet_pb2
+import wallet_pb2_grpc
 from conftest import wait_for
 
 TIMEOUT = 10  # seconds; only a broken server gets near it
@@ -287,8 +293,6 @@ def test_websocket_pings_are_sent_at_least_every_30_seconds(app):
 
 
 def test_every_reply_type_echoes_the_id_and_an_error_changes_nothing(server):
-    import simple_websocket
-
     client = simple_websocket.Client.connect(server.ws_url + "?events=leaderboard")
     try:
         def recv(events: bool = False) -> dict:
@@ -372,8 +376,6 @@ def test_listener_lines_and_the_auth_warning_are_logged_whatever_the_log_level(s
 
 @pytest.mark.memory_only("log lines do not depend on the store")
 def test_websocket_connect_subscription_changes_and_disconnect_are_logged_one_line_each(server):
-    import simple_websocket
-
     user = new_id()
     client = simple_websocket.Client.connect(server.ws_url + "?events=leaderboard")
     peer = f"127.0.0.1:{client.sock.getsockname()[1]}"
@@ -405,3 +407,48 @@ def test_websocket_connect_subscription_changes_and_disconnect_are_logged_one_li
     for line in refusal:
         assert "\x1b" not in line and "\x00" not in line
     assert "\x1b" not in server.log() and "\x00" not in server.log()
+
+
+# -- section 7: "Redis lost while running: ... 503 ... within 3 seconds (never a hang ...)": a Redis that stops
+# answering (paused, or a network that drops packets) rather than one that refuses connections ---------------
+
+
+@pytest.mark.memory_only("the test brings its own Redis")
+def test_a_redis_that_hangs_gives_503_and_unavailable_within_3_seconds_then_resumes(own_redis_server, start_server,
+                                                                                    uid):
+    srv = start_server("--redis-url", own_redis_server.url, "--redis-prefix", "hang:")
+    assert ok(requests.post(srv.url + DEPOSIT, json={"user_id": uid, "amount": 5}, timeout=TIMEOUT))["balance"] == 5
+    client = simple_websocket.Client.connect(srv.ws_url)
+    channel = grpc.insecure_channel(srv.grpc_target)
+    stub = wallet_pb2_grpc.WalletServiceStub(channel)
+    assert stub.GetBalance(wallet_pb2.GetBalanceRequest(user_id=uid), timeout=TIMEOUT).balance == 5
+    own_redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for method, path, body in (("POST", DEPOSIT, {"user_id": uid, "amount": 1}),
+                                   ("GET", f"/api/wallet/balance/{uid}", None),
+                                   ("GET", f"/api/wallet/transactions/{uid}", None),
+                                   ("GET", "/api/leaderboard", None)):
+            started = time.monotonic()
+            response = requests.request(method, srv.url + path, json=body, timeout=TIMEOUT)
+            assert time.monotonic() - started < 3.0, (path, time.monotonic() - started)
+            refused(response, 503, "unavailable")
+        started = time.monotonic()
+        health = requests.get(srv.url + "/healthz", timeout=TIMEOUT)
+        assert time.monotonic() - started < 3.0
+        assert health.status_code == 503 and health.json() == {"status": "unavailable"}
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetBalance(wallet_pb2.GetBalanceRequest(user_id=uid), timeout=TIMEOUT)
+        assert time.monotonic() - started < 3.0 and info.value.code() == grpc.StatusCode.UNAVAILABLE
+        client.send(json.dumps({"action": "ping", "id": "alive"}))  # the WebSocket stays open meanwhile
+        assert json.loads(client.receive(timeout=TIMEOUT)) == {"type": "pong", "id": "alive"}
+    finally:
+        own_redis_server.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: requests.get(srv.url + "/healthz", timeout=TIMEOUT).status_code == 200, timeout=15,
+             message="/healthz 200 once Redis answers again")
+    after = ok(requests.post(srv.url + DEPOSIT, json={"user_id": uid, "amount": 10}, timeout=TIMEOUT))["balance"]
+    assert after in (15, 16)  # 16 only if the refused deposit reached Redis before its connection was dropped
+    assert stub.GetBalance(wallet_pb2.GetBalanceRequest(user_id=uid), timeout=TIMEOUT).balance == after
+    client.close()
+    channel.close()
+    assert "Traceback" not in srv.log()
