@@ -418,7 +418,8 @@ def test_a_redis_that_hangs_gives_503_and_unavailable_within_3_seconds_then_resu
                                                                                     uid):
     srv = start_server("--redis-url", own_redis_server.url, "--redis-prefix", "hang:")
     assert ok(requests.post(srv.url + DEPOSIT, json={"user_id": uid, "amount": 5}, timeout=TIMEOUT))["balance"] == 5
-    client = simple_websocket.Client.connect(srv.ws_url)
+    client = simple_websocket.Client.connect(f"{srv.ws_url}?events=balance&user_id={uid}")
+    assert json.loads(client.receive(timeout=TIMEOUT))["type"] == "subscribed"
     channel = grpc.insecure_channel(srv.grpc_target)
     stub = wallet_pb2_grpc.WalletServiceStub(channel)
     assert stub.GetBalance(wallet_pb2.GetBalanceRequest(user_id=uid), timeout=TIMEOUT).balance == 5
@@ -449,6 +450,12 @@ def test_a_redis_that_hangs_gives_503_and_unavailable_within_3_seconds_then_resu
     after = ok(requests.post(srv.url + DEPOSIT, json={"user_id": uid, "amount": 10}, timeout=TIMEOUT))["balance"]
     assert after in (15, 16)  # 16 only if the refused deposit reached Redis before its connection was dropped
     assert stub.GetBalance(wallet_pb2.GetBalanceRequest(user_id=uid), timeout=TIMEOUT).balance == after
+    # Redis kept its data: the subscriber stays and gets the event of the write made after the outage.
+    while True:
+        event = json.loads(client.receive(timeout=TIMEOUT) or "null")
+        assert event is not None and event["type"] == "balance", event
+        if event["data"]["balance"] == after:
+            break
     client.close()
     channel.close()
     assert "Traceback" not in srv.log()
