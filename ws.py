@@ -44,6 +44,9 @@ PING_INTERVAL = 25
 SEND_BUFFER = 64 * 1024  # kernel buffering per socket: a stalled client fills its queue soon, not after ~3 MB
 STALL_TIMEOUT = 30  # a write that makes no progress for this long drops the connection without a close frame
 NUDGE_DELAY = 0.05
+# Later nudges (seconds after the first frames): a client slowed down enough to read the 101, the first
+# frames and the first nudge in one recv() would otherwise hold them until the next 25 s ping.
+NUDGE_AGAIN = (1.0, 5.0)
 HANGUP_PARK = 10.0  # seconds a reader stays parked at shutdown before it ends
 MAX_BATCH = 100  # client messages handled per pass, so a flooding client still gets flushed and cut off
 
@@ -360,6 +363,7 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.sent_first = False
+        self.nudges: list[float] = []  # monotonic times of the later nudges still to send
 
     # -- events.Subscriber (dispatcher thread) --
 
@@ -541,12 +545,23 @@ class Connection:
         time.sleep(NUDGE_DELAY)
         if self.adapter.connected:
             self.adapter.ping()
+        now = time.monotonic()
+        self.nudges = [now + delay for delay in NUDGE_AGAIN]
+
+    def _nudge_again(self) -> None:
+        if self.nudges and time.monotonic() >= self.nudges[0]:
+            self.nudges.pop(0)
+            if self.adapter.connected:
+                self.adapter.ping()
 
     def _wait_timeout(self) -> float:
+        timeout = 30.0  # a backstop: every state change wakes this thread
         expires = getattr(self.principal, "expires_at", None)
-        if expires is None:
-            return 30.0  # a backstop: every state change wakes this thread
-        return max(0.0, min(30.0, expires - time.time()))
+        if expires is not None:
+            timeout = min(timeout, expires - time.time())
+        if self.nudges:
+            timeout = min(timeout, self.nudges[0] - time.monotonic())
+        return max(0.0, timeout)
 
     def run(self) -> str:
         adapter = self.adapter
@@ -555,6 +570,7 @@ class Connection:
             self.nudge()
         while True:
             adapter.wait(self._wait_timeout())
+            self._nudge_again()
             if adapter.close_sent:
                 return f"closed with {self.close_code}"  # close_now() sent the close frame already
             for _ in range(MAX_BATCH):
