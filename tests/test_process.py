@@ -101,8 +101,12 @@ def test_flag_beats_variable_and_ports_come_from_the_environment(start_server):
 
 def test_max_connections_flag_caps_connections(start_server):
     srv = start_server("--max-connections", "2")
-    held = [socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) for _ in range(2)]
+    # A place is held only by a connection the server answered: until the server has seen the start-up
+    # probe's connection close, that one still holds a place and a new one may be shed instead.
+    held = []
     try:
+        for _ in range(2):
+            held.append(wait_for(lambda: _kept_alive(srv), timeout=5, message="a connection holding a place"))
         wait_for(lambda: _status_of_one_more(srv) == 503, timeout=5, message="a third connection to be shed")
     finally:
         for sock in held:
@@ -110,13 +114,35 @@ def test_max_connections_flag_caps_connections(start_server):
     wait_for(lambda: _status_of_one_more(srv) == 200, timeout=5, message="the cap to free up")
 
 
-def _status_of_one_more(srv):
-    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while chunk := sock.recv(65536):
+def _status_of_one_more(srv, keep_alive=False):
+    """Status of GET /healthz on a new connection; with keep_alive, (status, the open socket) instead."""
+    sock = socket.create_connection(("127.0.0.1", srv.http_port), timeout=5)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + (b"" if keep_alive else b"Connection: close\r\n") + b"\r\n")
+    reply = b""
+    try:
+        while b"\r\n\r\n" not in reply and (chunk := sock.recv(65536)):
             reply += chunk
-    return int(reply.split()[1]) if reply.startswith(b"HTTP/1.1 ") else None
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                       if line.startswith(b"content-length:")), 0)
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+    except ConnectionResetError:  # a shed connection may be reset after its 503 (the request came after it)
+        head = reply.partition(b"\r\n\r\n")[0]
+    status = int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
+    if keep_alive:
+        return status, sock
+    sock.close()
+    return status
+
+
+def _kept_alive(srv):
+    """A keep-alive connection the server answered 200 (so it holds a place), or None if it was shed."""
+    status, sock = _status_of_one_more(srv, keep_alive=True)
+    if status == 200:
+        return sock
+    sock.close()
+    return None
 
 
 def test_start_up_logs_one_line_per_listener_and_warns_that_auth_is_off(start_server):
