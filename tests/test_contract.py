@@ -459,3 +459,35 @@ def test_a_redis_that_hangs_gives_503_and_unavailable_within_3_seconds_then_resu
     client.close()
     channel.close()
     assert "Traceback" not in srv.log()
+
+
+# -- section 4: "The server sends WebSocket pings at least every 30 seconds", on the wire ---------------------
+
+
+@pytest.mark.memory_only("pings do not depend on the store")
+def test_an_idle_websocket_gets_a_ping_within_30_seconds(server):
+    """A raw client that subscribes to nothing (so the server has no reason to write) still gets a ping frame."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=35) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\n" + _host(server.http_port) + UPGRADE + WS_KEY + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, "closed during the handshake"
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        connected = time.monotonic()
+        while True:
+            while len(data) < 2:
+                chunk = sock.recv(4096)
+                assert chunk, "closed before any ping"
+                data += chunk
+            opcode, length = data[0] & 0x0F, data[1] & 0x7F
+            assert length < 126 and not data[1] & 0x80, data[:4]  # server frames: unmasked; ours are small
+            while len(data) < 2 + length:
+                data += sock.recv(4096)
+            data = data[2 + length:]
+            if opcode == 0x9:
+                break
+            assert opcode != 0x8, "closed instead of pinging"
+        assert time.monotonic() - connected <= 30.5
