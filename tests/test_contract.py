@@ -491,3 +491,66 @@ def test_an_idle_websocket_gets_a_ping_within_30_seconds(server):
                 break
             assert opcode != 0x8, "closed instead of pinging"
         assert time.monotonic() - connected <= 30.5
+
+
+# -- section 4: "A client that does not keep up (its outbound buffer of at least 1000 messages is full) is
+# closed with 1013": a client 1,000 messages behind is NOT closed yet ---------------------------------------
+
+
+def test_a_client_1000_messages_behind_is_not_cut_off(start_server):
+    from test_ws import WS, RawWebSocket
+
+    srv = start_server()
+    n = 1000
+    with requests.Session() as http:
+        ok(http.post(srv.url + DEPOSIT, json={"user_id": "behind", "amount": 10 * n}, timeout=TIMEOUT))
+        stalled = RawWebSocket(srv.ws_url + "?events=game_outcomes", rcvbuf=4096)
+        reader = WS(srv.ws_url + "?events=game_outcomes")
+        try:
+            opcode, payload = stalled.frame()
+            assert opcode == 1 and json.loads(payload)["type"] == "subscribed"
+            reader.expect("subscribed")
+            for i in range(n):  # the stalled client reads nothing meanwhile
+                ok(http.post(srv.url + OUTCOMES, json={"user_id": "behind", "game": "g", "bet": 1, "payout": i % 2},
+                             timeout=TIMEOUT))
+            for _ in range(n):  # every event has been dispatched to both connections once the reader has it
+                assert reader.recv()["type"] == "game_outcome"
+            seqs = []
+            while len(seqs) < n:
+                opcode, payload = stalled.frame()
+                assert opcode != 8, f"closed after {len(seqs)} messages: {payload[:2]!r}"
+                if opcode == 1:
+                    seqs.append(json.loads(payload)["seq"])
+            assert seqs == sorted(set(seqs))
+            # Still open: the next event arrives too.
+            ok(http.post(srv.url + OUTCOMES, json={"user_id": "behind", "game": "g", "bet": 0, "payout": 0},
+                         timeout=TIMEOUT))
+            while True:
+                opcode, payload = stalled.frame()
+                assert opcode != 8, "closed"
+                if opcode == 1:
+                    assert json.loads(payload)["seq"] > seqs[-1]
+                    break
+        finally:
+            stalled.close()
+            reader.close()
+
+
+def test_the_outbound_queue_holds_1000_messages_then_cuts_off():
+    """The same rule at the unit level, where the kernel's socket buffers do not blur the count."""
+    import ws
+    from events import Event
+
+    class BusySocket:  # the client reads nothing: every direct write attempt finds the socket busy
+        def try_write(self, frame, queue):
+            return None
+
+        def wake(self):
+            pass
+
+    conn = ws.Connection(BusySocket(), hub=None, store=None, principal=None, peer="test")
+    for seq in range(1, 1001):
+        assert conn.deliver(Event(seq, "game_outcome", {"n": seq}, "u")) is True, seq
+    assert not conn.cut_off and len(conn.queue) == 1000
+    assert conn.deliver(Event(1001, "game_outcome", {"n": 1001}, "u")) is False
+    assert conn.cut_off
