@@ -207,7 +207,8 @@ def row_fanout(cfg):
     """Row 3: one outcome delivered to 100 / 1,000 / 5,000 subscribers; latency and server RSS per connection."""
     from wsclients import SubscriberPool
 
-    app = app_server("row3-app")
+    # Each WebSocket holds one of the server's connections: the cap must be above the largest size measured.
+    app = app_server("row3-app", "--max-connections", str(max(cfg.fanout_sizes) + 100))
     pool = SubscriberPool(HOST, app.http_port, processes=cfg.ws_procs)
     client = RawHTTP(app.http_port)
     out = {"sizes": {}}
