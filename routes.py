@@ -185,7 +185,11 @@ def read_json_object() -> dict:
     try:
         # One byte past the limit catches chunked bodies too, which declare no length (and which
         # Werkzeug would silently cut at MAX_CONTENT_LENGTH).
-        raw = req.stream.read(MAX_BODY + 1)
+        environ = req.environ
+        # A server that ends wsgi.input at the body's end (ours does, Content-Length or chunked) gives
+        # the same stream request.stream would, without Werkzeug's checks (read_json_object 7.5 -> 3.8 us).
+        stream = environ["wsgi.input"] if environ.get("wsgi.input_terminated") else req.stream
+        raw = stream.read(MAX_BODY + 1)
     except (OSError, ValueError):
         raise ValidationError("request body is malformed (bad chunked encoding)") from None
     if len(raw) > MAX_BODY:
