@@ -554,3 +554,21 @@ def test_the_outbound_queue_holds_1000_messages_then_cuts_off():
     assert not conn.cut_off and len(conn.queue) == 1000
     assert conn.deliver(Event(1001, "game_outcome", {"n": 1001}, "u")) is False
     assert conn.cut_off
+
+
+# -- sections 3 and 4: the defaults the contract names, in both stores ----------------------------------------
+
+
+def test_the_stores_default_to_the_contracts_numbers():
+    import inspect
+
+    import events
+    import redis_store
+    import wallet_store
+
+    for store_class in (wallet_store.MemoryStore, redis_store.RedisStore):
+        defaults = {name: p.default for name, p in inspect.signature(store_class).parameters.items()}
+        assert defaults["idempotency_ttl"] == 24 * 3600, store_class  # "remembered for 24 hours"
+        assert defaults["idempotency_cap"] == 1_000_000, store_class  # "default 1,000,000 keys"
+        assert defaults["ledger_limit"] >= 1000, store_class  # "at least the newest 1000 per user are kept"
+    assert events.HISTORY >= 10_000  # "at least the newest 10,000 events are retained"
