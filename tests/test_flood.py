@@ -118,6 +118,7 @@ def test_one_connection_past_the_cap_is_answered_503_at_once(start_server):
     assert "Traceback" not in srv.log()
 
 
+@pytest.mark.memory_only("the head timeout is http_server's, before any store is touched")
 def test_a_request_head_must_arrive_within_10_seconds(server):
     """Slow-loris: a byte every 2 s does not extend the deadline; nor does idling after a response."""
     start = time.monotonic()
