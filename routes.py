@@ -168,7 +168,7 @@ def _authorize(action: str, user_id: str | None = None) -> None:
     auth = app.extensions.get("wallet.auth")
     if auth is None:
         return
-    principal = auth.authenticate_header(req.headers.get("Authorization"))
+    principal = auth.authenticate_header(req.environ.get("HTTP_AUTHORIZATION"))  # = headers.get("Authorization")
     g.principal = principal
     principal.require(action, user_id)
 
@@ -210,7 +210,7 @@ def _field(body: dict, name: str, validate: Any, **kwargs: Any) -> Any:
 
 
 def _idempotency(body: dict) -> Idempotency | None:
-    key = request.headers.get("Idempotency-Key")
+    key = request.environ.get("HTTP_IDEMPOTENCY_KEY")  # = headers.get("Idempotency-Key"), without its key mangling
     if key is None:
         return None
     if not _KEY.fullmatch(key):
