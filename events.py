@@ -122,6 +122,7 @@ class EventHub:
 
     def __init__(self, epoch: str | None = None, *, history: int = HISTORY, catch_up: float = CATCH_UP) -> None:
         self._catch_up = catch_up
+        self._head: Callable[[], int | None] | None = None  # the shared log's last seq (see follow)
         self._waiting: list[_Command] = []  # recoveries whose `since` this hub has not reached yet
         self._cond = threading.Condition()
         self._pending: deque = deque()
@@ -209,8 +210,23 @@ class EventHub:
         `on_live(live)` runs on the dispatcher thread at the exact point the change takes effect, before
         any later event reaches `sub`: the place to queue replies. None if the dispatcher did not answer.
         """
-        command = _Command("subscribe", sub, (tuple(events), user_id, since, epoch), on_live)
+        command = _Command("subscribe", sub, (tuple(events), user_id, since, epoch, self._log_head()), on_live)
         return self._submit(command).wait(timeout)
+
+    def follow(self, head: Callable[[], int | None]) -> None:
+        """Events reach this hub from a log shared with other processes (Redis): `head()` gives the
+        log's last seq. A subscription then goes live only once the hub has taken in every event the
+        log held when it was asked for (up to `catch_up` seconds), so an event published before it,
+        through any process, is never delivered after `subscribed` as if it were new."""
+        self._head = head
+
+    def _log_head(self) -> int | None:
+        if self._head is None:
+            return None
+        try:
+            return self._head()
+        except Exception:  # the log is unreachable: go live with what this hub has
+            return None
 
     def unsubscribe(self, sub: Subscriber, events: Iterable[str], *, on_live: OnLive | None = None,
                     timeout: float = 5.0) -> Live | None:
@@ -335,8 +351,9 @@ class EventHub:
                 c.done.set()
 
     def _must_wait(self, c: _Command) -> bool:
-        since, epoch = c.args[2], c.args[3]
-        if since is None or epoch != self._epoch or since <= self._last_seq:
+        since, epoch, head = c.args[2], c.args[3], c.args[4]
+        behind_head = head is not None and head > self._last_seq
+        if not behind_head and (since is None or epoch != self._epoch or since <= self._last_seq):
             return False
         if c.deadline is None:
             c.deadline = time.monotonic() + self._catch_up
@@ -352,7 +369,7 @@ class EventHub:
         self._unindex(sub, state)
         recovered, replay, board, snapshot = None, (), None, False
         if c.action == "subscribe":
-            events, user_id, since, epoch = c.args
+            events, user_id, since, epoch, _ = c.args
             state.events.update(events)
             if user_id is not None:
                 state.user_id = user_id

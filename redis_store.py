@@ -334,6 +334,11 @@ class RedisStore:
         members = self._call(self.client.zrange, self._key("board"), 0, BOARD_SIZE - 1)
         return [_board_row(rank, m) for rank, m in enumerate(members, start=1)]
 
+    def head_seq(self) -> int:
+        """The seq of the newest event any process has published (for EventHub.follow)."""
+        value = self._call(self.client.get, self._key("seq"))
+        return int(value) if value is not None else 0
+
     def healthy(self) -> bool:
         try:
             return bool(self.client.ping())
@@ -588,6 +593,7 @@ def open_redis(url: str, prefix: str, hub: Any, **store_options: Any) -> tuple[R
         store = RedisStore(client, prefix, **store_options)
         # The reader's connection blocks in XREAD for block_ms: its timeout must be longer.
         reader = RedisEventReader(lambda: connect(url, socket_timeout=3.0), prefix, hub).start()
+        hub.follow(store.head_seq)  # subscriptions go live only once this process has read up to the head
     except (redis.RedisError, OSError) as exc:
         client.close()
         raise RedisStartupError(f"cannot reach Redis at {where}: {clean(exc)}") from None

@@ -294,6 +294,44 @@ def test_recovery_waits_for_a_since_this_hub_has_not_reached_yet():
         hub.stop()
 
 
+def test_a_followed_log_makes_a_subscription_wait_for_its_head():
+    """Another process published up to seq 5; this hub has read 3: `subscribed` comes at 5, and events
+    3 to 5 (published before the subscription) are not delivered as new."""
+    hub = EventHub(catch_up=TIMEOUT).start()
+    hub.follow(lambda: 5)
+    try:
+        for n in range(1, 4):
+            hub.feed(n, "game_outcome", outcome("a", n), "a")
+        sub, result = Sub(), []
+        waiter = threading.Thread(target=lambda: result.append(
+            hub.subscribe(sub, ["game_outcomes"], on_live=sub.on_live, timeout=TIMEOUT)))
+        waiter.start()
+        wait_for(lambda: hub.pending_recoveries() == 1, timeout=TIMEOUT, message="the subscription to wait")
+        assert not result, "went live before reaching the log's head"
+        for n in range(4, 7):
+            hub.feed(n, "game_outcome", outcome("a", n), "a")
+        waiter.join(TIMEOUT)
+        assert result[0].seq >= 5 and result[0].recovered is None
+        assert hub.flush(TIMEOUT)
+        assert all(seq > result[0].seq for seq in sub.seqs())
+    finally:
+        hub.stop()
+
+
+def test_an_unreachable_log_head_does_not_hold_a_subscription():
+    def head():
+        raise ConnectionError("Redis is gone")
+
+    hub = EventHub(catch_up=TIMEOUT).start()
+    hub.follow(head)
+    try:
+        hub.feed(1, "game_outcome", outcome("a", 1), "a")
+        live = hub.subscribe(Sub(), ["game_outcomes"], timeout=TIMEOUT)
+        assert live is not None and live.seq == 1
+    finally:
+        hub.stop()
+
+
 def test_a_waiting_recovery_ends_with_its_connection():
     hub = EventHub(catch_up=TIMEOUT).start()
     try:

@@ -32,6 +32,9 @@ class FakeHub:
         self.gate.set()
         self.entered = threading.Event()  # feed() was called at least once
 
+    def follow(self, head):
+        self.head = head
+
     def preload(self, events, epoch, last_seq, *, board=None):
         with self._lock:
             self.calls.append(("preload", list(events), epoch, last_seq, board))
