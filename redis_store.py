@@ -53,6 +53,11 @@ UNREACHABLE = "the wallet store (Redis) cannot be reached"
 # wait (1.5 s), and no retries (a retried write script whose reply was lost could apply twice).
 CONNECT_TIMEOUT = 1.0
 SOCKET_TIMEOUT = 1.5
+# A write the script starts later than this after it was sent is refused (the reply would come after
+# SOCKET_TIMEOUT, answered 503): the margin covers the script's run, the reply's trip and clock drift
+# between two skew measurements.
+WRITE_DEADLINE = SOCKET_TIMEOUT - 0.5
+SKEW_REFRESH = 30.0  # seconds between measurements of Redis's clock against ours
 BOARD_SIZE = 10
 HISTORY = 10_000  # events kept in the stream (MAXLEN ~ keeps at least this many) and preloaded by readers
 # A full Redis (OOM under noeviction) or a read-only replica cannot apply writes either: 503, not 500.
@@ -70,6 +75,9 @@ local BK, NETK, BOARDK = P .. 'bal:' .. UID, P .. 'net', P .. 'board'
 local t = redis.call('TIME')
 local SEC, USEC = tonumber(t[1]), tonumber(t[2])
 local NOW_US = SEC * 1000000 + USEC  -- < 2^53: exact
+-- The caller has answered 503 by this time (Redis was stalled and the request waited in its socket):
+-- applying it now would move money after "nothing was applied".
+if NOW_US > tonumber(ARGV[#ARGV]) then return {'late', '', 0, 0} end
 
 local function rfc3339()
   -- days since 1970-01-01 to a civil date (H. Hinnant's algorithm); os.date is not available here
@@ -298,6 +306,8 @@ class RedisStore:
         # Names a new event history together with the server's time; random so two Redis servers never agree.
         self._token = secrets.token_hex(4)
         self._script = client.register_script(_SCRIPT)
+        self._skew_us = 0  # Redis's clock minus ours, measured now and then (see _deadline_us)
+        self._skew_at = float("-inf")
         self._warned_at = 0.0
 
     def _key(self, name: str) -> str:
@@ -365,15 +375,27 @@ class RedisStore:
         bet_s, payout_s = _int64(bet, "bet", 0), _int64(payout, "payout", 0)
         return self._write(idem, "settle", user_id, game, bet_s, payout_s, str(payout - bet))
 
+    def _deadline_us(self) -> int:
+        """The latest Redis time at which a write sent now may still apply: before our reply timeout."""
+        now = time.time()
+        if now - self._skew_at > SKEW_REFRESH:
+            seconds, micros = self._call(self.client.time)
+            self._skew_us = round(seconds * 1_000_000 + micros - time.time() * 1_000_000)
+            self._skew_at = now
+        return round(now * 1_000_000) + self._skew_us + round(WRITE_DEADLINE * 1_000_000)
+
     def _write(self, idem: Idempotency | None, op: str, *args: str) -> Result:
         key, fp = (idem.key, idem.fingerprint) if idem is not None else ("", b"")
         argv = [self.prefix, self._token, key, fp, self._ttl_ms, self._cap, self._ledger_limit, self._history,
-                op, *args]
+                op, *args, self._deadline_us()]
         status, payload, evicted, earliest_ms = self._call(self._script, [], argv)
         if evicted:
             log.warning("idempotency cap of %d keys reached: forgot %d key(s), the oldest %.0f s before its "
                         "24 h expiry", self._cap, evicted, earliest_ms / 1000)
         status, payload = status.decode(), payload.decode()
+        if status == "late":
+            log.warning("a write reached Redis after its deadline and was not applied: answering 503")
+            raise StoreUnavailable(UNREACHABLE)
         if status == "ok":
             return Result(json.loads(payload))
         if status == "replay_ok":
