@@ -94,7 +94,7 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
 
     def GetBalance(self, request, context):
         try:
-            uid = validation.validate_user_id(request.user_id, allow_int=False)
+            uid = validation.validate_user_id(request.user_id)
             return wallet_pb2.GetBalanceResponse(user_id=uid, balance=self._store.balance(uid))
         except ServiceError as err:  # invalid user_id, store unavailable: the contract code's gRPC status
             _abort(context, err)

@@ -21,14 +21,13 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_user_id(value: object, field: str = "user_id", allow_int: bool = True) -> str:
+def validate_user_id(value: object, field: str = "user_id") -> str:
     """Return the canonical (string) user id or raise ValidationError naming `field`.
 
-    A positive integer (as JSON bodies may give) means its decimal string. Path segments, query values
-    and gRPC fields are strings already, so no caller needs `allow_int=False`; the parameter stays only
-    until grpc_server stops passing it.
+    A positive integer (as JSON bodies may give) means its decimal string; path segments, query values
+    and gRPC fields are strings already.
     """
-    if allow_int and _is_int(value):
+    if _is_int(value):
         if value < 1:
             raise ValidationError(f"{field} must be a positive integer or 1 to 64 characters A-Z a-z 0-9 _ -")
         value = str(value)
