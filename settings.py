@@ -16,8 +16,7 @@ import logs
 from origins import parse_allowed
 
 PROG = "app.py"
-# H1 measures the default in http_server; this fallback only matters while that constant is missing.
-DEFAULT_MAX_CONNECTIONS = getattr(http_server, "DEFAULT_MAX_CONNECTIONS", 1000)
+DEFAULT_MAX_CONNECTIONS = http_server.DEFAULT_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True)
