@@ -29,15 +29,7 @@ import wallet_pb2
 import wallet_pb2_grpc
 from auth import Auth, Principal
 from errors import GRPC_STATUS, ServiceError
-
-try:
-    from logs import printable
-except ImportError:  # logs.printable (the one escaping rule) is being added; same rule until it lands
-    def printable(text: str) -> str:
-        if text.isprintable() and "\\" not in text:
-            return text
-        return "".join("\\\\" if ch == "\\" else ch if ch.isprintable() else
-                       (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}") for ch in text)
+from logs import printable
 
 log = logging.getLogger("wallet.grpc")
 
