@@ -58,11 +58,6 @@ def open_store(cfg: settings.Settings, hub: EventHub) -> tuple[Store, RedisEvent
     return open_redis(cfg.redis_url, cfg.redis_prefix, hub)
 
 
-def _address(host: str, port: int) -> str:
-    """`host:port`, with an IPv6 address in brackets as in a URL."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _exit(code: int, message: str) -> int:
     sys.stderr.write(f"{settings.PROG}: error: {message}\n")
     return code
@@ -112,10 +107,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http-accept",
                      daemon=True).start()
-    http_at = _address(*server.server_address[:2])
+    http_at = settings.address(*server.server_address[:2])
     startup.info("HTTP and WebSocket listening on http://%s (ws://%s/ws), at most %d connections",
                  http_at, http_at, cfg.max_connections)
-    startup.info("gRPC listening on %s", _address(cfg.host, grpc_service.port))
+    startup.info("gRPC listening on %s", settings.address(cfg.host, grpc_service.port))
     while not stop.wait(1.0):
         pass
     shutdown(server, grpc_service, app.extensions["wallet.ws"], reader, store)

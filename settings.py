@@ -44,11 +44,15 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
 
 
+def address(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets as in a URL."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def redis_address(url: str) -> str:
     """`host:port` of a Redis URL, for the one line that says Redis cannot be reached."""
     parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    return f"[{host}]:{parts.port or 6379}" if ":" in host else f"{host}:{parts.port or 6379}"
+    return address(parts.hostname or "localhost", parts.port or 6379)
 
 
 def _port(text: str) -> int:
