@@ -42,7 +42,6 @@ _USER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ALGORITHMS = ["HS256"]
 
 ACTIONS = frozenset({"read_user", "read_leaderboard", "write", "mint_token", "subscribe"})
-EVENTS = frozenset({"game_outcomes", "leaderboard", "balance"})
 # Events a player may receive only with its own user_id (the unfiltered game_outcomes feed names everyone).
 _OWN_USER_EVENTS = frozenset({"game_outcomes", "balance"})
 
@@ -80,10 +79,6 @@ class Principal:
     user_id: str | None = None
     expires_at: float | None = None
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
-
-    @property
-    def is_player(self) -> bool:
-        return self.kind == "player"
 
     def expired(self) -> bool:
         return self.expires_at is not None and self.clock() >= self.expires_at

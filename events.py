@@ -21,7 +21,6 @@ from typing import NamedTuple, Protocol
 log = logging.getLogger("wallet.events")
 
 TOPICS = ("game_outcomes", "leaderboard", "balance")
-KINDS = ("game_outcome", "leaderboard", "balance")  # the `type` of each event on the wire
 HISTORY = 10_000  # events retained for recovery (CONTRACT.md section 4: at least the newest 10,000)
 CATCH_UP = 2.0  # seconds a recovery waits for this hub to reach a `since` the client got from another process
 EMPTY_BOARD = {"leaderboard": []}

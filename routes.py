@@ -22,6 +22,7 @@ from werkzeug.routing import PathConverter
 
 import http_server
 import logs
+from auth import WWW_AUTHENTICATE
 from errors import CODE_OF_STATUS, ServiceError, dumps, envelope
 from origins import origin_allowed
 from validation import ValidationError, parse_json, validate_amount, validate_game, validate_limit, validate_user_id
@@ -121,7 +122,7 @@ def _forget_request_id(exc: BaseException | None) -> None:
 def _refused(exc: ServiceError) -> Response:
     headers = {}
     if exc.code == "unauthorized":
-        headers["WWW-Authenticate"] = "Bearer"
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     if getattr(exc, "replayed", False):
         headers["Idempotent-Replayed"] = "true"
     return json_response(exc.body(), exc.http_status, headers)
