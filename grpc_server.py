@@ -216,7 +216,7 @@ class Interceptor(grpc.ServerInterceptor):
         try:
             if len(credentials) > 1:
                 raise ServiceError("send one authorization entry, not several", code="unauthorized")
-            return self._auth.authenticate(self._auth.bearer(credentials[0] if credentials else None))
+            return self._auth.authenticate_header(credentials[0] if credentials else None)
         except ServiceError as err:
             _abort(context, err)
             raise  # abort() raises; this line only tells type checkers
