@@ -765,11 +765,7 @@ class Server:
             for conn in late:
                 conn.state = "closed"
         for conn in late:
-            try:
-                self._poller.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-            self._release(conn)
+            self._unwatch(conn)
 
     def _shed(self, sock: socket.socket) -> None:
         """503 from the accepting thread: never blocks, never starts a thread."""
@@ -799,6 +795,21 @@ class Server:
             log.warning("connection limit %d reached: refusing new connections with 503 (%d so far)",
                         self.max_connections, self.shed)
 
+    def _unwatch(self, conn: _Conn) -> None:
+        """Stop watching a connection the poller held and close it."""
+        try:
+            self._poller.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        self._release(conn)
+
+    def _wake(self) -> None:
+        """Wake the poller thread so it sees returned connections and requests made of it."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # the poller is already awake: its wake-up socket is full
+
     # connection threads ---------------------------------------------------------------------------------
 
     def _serve_connection(self, conn: _Conn) -> None:
@@ -818,10 +829,7 @@ class Server:
                 else:
                     keep = False
             if keep:
-                try:
-                    self._wake_w.send(b"\0")
-                except OSError:
-                    pass  # the poller is already awake: its wake-up socket is full
+                self._wake()
                 return
         self._release(conn)
 
@@ -877,10 +885,7 @@ class Server:
             # Linux: stops listening (queued connections are reset) and wakes the loop, which sees _stop.
             self.socket.shutdown(socket.SHUT_RDWR)
         except OSError:
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:
-                pass
+            self._wake()
         return self._stopped.wait(timeout)
 
     def server_close(self) -> None:
@@ -909,10 +914,7 @@ class Server:
             except OSError:
                 pass
         if running:
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:
-                pass
+            self._wake()
             return len(reading)
         return len(reading) + self._close_waiting()
 
@@ -924,11 +926,7 @@ class Server:
             self._returned.clear()
             self._close_waiting_requested = False
         for conn in waiting:
-            try:
-                self._poller.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-            self._release(conn)
+            self._unwatch(conn)
         return len(waiting)
 
     def drain(self, timeout: float) -> bool:
