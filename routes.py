@@ -22,7 +22,7 @@ from werkzeug.routing import PathConverter
 
 import http_server
 import logs
-from auth import WWW_AUTHENTICATE
+from auth import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, WWW_AUTHENTICATE
 from errors import CODE_OF_STATUS, ServiceError, dumps, envelope
 from origins import origin_allowed
 from validation import ValidationError, parse_json, validate_amount, validate_game, validate_limit, validate_user_id
@@ -31,7 +31,6 @@ from wallet_store import Idempotency, Result, Store
 log = logging.getLogger("wallet.http")
 
 MAX_BODY = 64 * 1024
-TOKEN_TTL_DEFAULT, TOKEN_TTL_MAX = 3600, 86400
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -284,9 +283,9 @@ def player_token() -> Response:
     _authorize("mint_token")
     body = read_json_object()
     user_id = _field(body, "user_id", validate_user_id)
-    ttl = body.get("ttl_seconds", TOKEN_TTL_DEFAULT)
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= TOKEN_TTL_MAX:
-        raise ValidationError(f"ttl_seconds must be an integer from 1 to {TOKEN_TTL_MAX}")
+    ttl = body.get("ttl_seconds", DEFAULT_TTL_SECONDS)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL_SECONDS:
+        raise ValidationError(f"ttl_seconds must be an integer from 1 to {MAX_TTL_SECONDS}")
     auth = current_app.extensions.get("wallet.auth")
     if auth is None:
         raise ServiceError("player tokens are not enabled on this server", "not_found")
