@@ -594,7 +594,7 @@ class Connection:
                 return self.close(1013, "too slow: outbound queue full")
             if self.close_code:
                 return self.close(self.close_code, self.close_reason)
-            if self.principal is not None and self.principal.expires_at is not None and self.principal.expired():
+            if self.principal is not None and self.principal.expired():
                 self.error("unauthorized", "the player token has expired")
                 self.flush()
                 return self.close(1008, "credential expired")
@@ -758,8 +758,7 @@ def _serve(conn: Connection, auth: object) -> str:
             raise _BadMessage("the balance event needs a user_id")
         conn.authorize(events, user_id)
     except (_BadMessage, ValidationError) as exc:
-        code = getattr(exc, "code", "invalid_message")
-        return _refuse(conn, "invalid_request" if code == "invalid_message" else code, str(exc))
+        return _refuse(conn, "invalid_request" if exc.code == "invalid_message" else exc.code, str(exc))
     log.info("ws %s connected events=%s user_id=%s%s as %s", conn.peer, ",".join(events), user_id,
              "" if since is None else f" since={since}", getattr(conn.principal, "name", "anonymous"))
     try:
