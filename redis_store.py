@@ -35,6 +35,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from validation import INT64_MAX
 from wallet_store import (
     BalanceLimitExceeded,
     Idempotency,
@@ -283,7 +284,7 @@ def _board_row(rank: int, member: bytes) -> dict:
 
 def _int64(value: Any, what: str, low: int) -> str:
     # The Lua side trusts its decimal strings: only exact Python ints in range reach it.
-    if type(value) is not int or not low <= value <= 2**63 - 1:
+    if type(value) is not int or not low <= value <= INT64_MAX:
         raise ValueError(f"{what} must be an int from {low} to 2**63-1, not {value!r}")
     return str(value)
 
