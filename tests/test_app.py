@@ -1014,9 +1014,10 @@ def test_minted_token_body_ttl_and_expiry(secured, clock):
     assert set(body) == {"token", "user_id", "expires_at"} and body["user_id"] == "42"
     expires = datetime.fromisoformat(body["expires_at"].replace("Z", "+00:00"))
     assert expires.timestamp() == clock.now + 3600  # the default lifetime
-    short = _token(secured, "p1", ttl=1)["token"]
+    # PyJWT also checks `exp` against the real clock: a few seconds of lifetime keep a slow run valid.
+    short = _token(secured, "p1", ttl=3)["token"]
     assert secured.get("/api/wallet/balance/p1", headers=_as(short)).status_code == 200
-    clock.now += 1
+    clock.now += 3
     error_json(secured.get("/api/wallet/balance/p1", headers=_as(short)), 401, "unauthorized")
     assert _token(secured, "p1", ttl=86400)["user_id"] == "p1"
 
