@@ -1,8 +1,6 @@
 """Wallet service: HTTP JSON API and WebSocket events (Flask) plus gRPC, in one process.
 
-`create_app` assembles the Flask app around its collaborators (tutorial style: configure, register,
-return); `main` reads the settings, opens the store (in the process, or Redis), binds the listeners,
-serves until SIGTERM/SIGINT and shuts down within 5 seconds.
+`create_app` assembles the Flask app (configure, register, return); `main` runs the process.
 """
 
 import contextlib
@@ -30,9 +28,8 @@ from redis_store import RedisEventReader, RedisStartupError, open_redis
 from wallet_store import MemoryStore, Store
 
 log = logging.getLogger("wallet.http")
-# The start-up lines the contract requires (one per listener with its bound address; the WARNING that
-# authentication is off) are how operators and scripts learn the ports and the risk: pinned to INFO so
-# they are printed whatever --log-level says.
+# The start-up lines the contract requires (bound listeners, the WARNING that authentication is off)
+# are how operators and scripts learn the ports and the risk: printed whatever --log-level says.
 startup = logging.getLogger("wallet.startup")
 startup.setLevel(logging.INFO)
 
@@ -118,19 +115,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def shutdown(server, grpc_service, connections, reader, store, budget: float = 4.0) -> None:
-    """Stop taking work, close WebSockets with 1001, let requests in flight finish, stop gRPC and the store.
-
-    Every step is bounded so the process exits within 5 s even with thousands of connections; the
-    caller then ends the process, which closes whatever sockets remain.
-    """
+    """Close WebSockets with 1001, stop taking work, let requests in flight finish, stop gRPC and the
+    store: every step bounded, so the process exits within 5 s whatever its clients do."""
     deadline = time.monotonic() + budget
     log.info("shutting down")
+    # WebSockets first: close_all also stops their input, which quiets ping floods that would otherwise
+    # starve the steps below of the GIL for seconds (one accepted meanwhile is closed as it registers).
+    closed = connections.close_all(1001)
     grpc_stopped = threading.Thread(target=grpc_service.stop, kwargs={"grace": 1.0}, daemon=True)
     grpc_stopped.start()  # flips health to NOT_SERVING first, then drains gRPC calls
     server.draining = True
     server.shutdown()  # stop accepting; the listening socket closes below
     server.server_close()
-    closed = connections.close_all(1001)
     drained = server.drain(timeout=max(0.1, deadline - time.monotonic() - 1.0))
     # Give clients a moment to read their close frames and answer them.
     settle = time.monotonic() + min(0.5, max(0.0, deadline - time.monotonic() - 0.5))
@@ -147,7 +143,6 @@ def shutdown(server, grpc_service, connections, reader, store, budget: float = 4
 if __name__ == "__main__":
     code = main()
     logs.stop()  # writes out every queued log line
-    sys.stdout.flush()
     sys.stderr.flush()
     # Library reader threads are not daemons: end the process without waiting for them. Every request
     # in flight has been answered and every WebSocket told 1001; the kernel closes the rest.
