@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import jwt
 
 from errors import ServiceError
+from validation import is_user_id
 
 log = logging.getLogger("wallet.auth")
 
@@ -38,7 +39,6 @@ _TOKEN_CACHE_SIZE = 10_000
 # Printable ASCII without space (0x20) or comma: what the contract allows in an operator key.
 _KEY = re.compile(rf"[\x21-\x2b\x2d-\x7e]{{{MIN_KEY_LENGTH},{MAX_KEY_LENGTH}}}")
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
-_USER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ALGORITHMS = ["HS256"]
 
 ACTIONS = frozenset({"read_user", "read_leaderboard", "write", "mint_token", "subscribe"})
@@ -236,7 +236,7 @@ class Auth:
         except jwt.PyJWTError:
             raise _unauthorized("invalid player token")
         subject = claims["sub"]
-        if not isinstance(subject, str) or not _USER_ID.fullmatch(subject):
+        if not is_user_id(subject):
             raise _unauthorized("invalid player token: sub is not a user id")
         expires_at = float(claims["exp"])
         # PyJWT checked exp against the system clock; the service's clock (tests) decides too.
@@ -249,7 +249,7 @@ class Auth:
         """A player token for `user_id`: {"token", "user_id", "expires_at" (RFC 3339 UTC)}."""
         if self._secret is None:
             raise ServiceError("player tokens are off: PLAYER_TOKEN_SECRET is not set", code="not_found")
-        if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
+        if not is_user_id(user_id):
             raise ServiceError("user_id must be 1 to 64 characters from A-Z a-z 0-9 _ -", code="invalid_request")
         if (not isinstance(ttl_seconds, int) or isinstance(ttl_seconds, bool)
                 or not 1 <= ttl_seconds <= MAX_TTL_SECONDS):

@@ -21,6 +21,11 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_user_id(value: object) -> bool:
+    """Whether `value` is a user id as a string: 1 to 64 characters from A-Z a-z 0-9 _ -."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
 def validate_user_id(value: object, field: str = "user_id") -> str:
     """Return the canonical (string) user id or raise ValidationError naming `field`.
 
