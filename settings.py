@@ -49,12 +49,6 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def redis_address(url: str) -> str:
-    """`host:port` of a Redis URL, for the one line that says Redis cannot be reached."""
-    parts = urlsplit(url)
-    return address(parts.hostname or "localhost", parts.port or 6379)
-
-
 def _port(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,5}", text.strip()) or int(text) > 65535:
         raise ValueError(f"invalid port {text!r}: expected an integer from 0 to 65535")

@@ -1120,4 +1120,3 @@ def test_settings_defaults_flags_and_variables():
     assert _settings([], {"REDIS_URL": ""}).redis_url is None
     assert settings.redact_url("redis://:pw@r:6380/2") == "redis://***@r:6380/2"
     assert settings.redact_url("rediss://user:pw@r/0") == "rediss://***@r/0"
-    assert settings.redis_address("redis://:pw@r:6380/2") == "r:6380"
