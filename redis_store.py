@@ -35,6 +35,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from events import HISTORY  # events kept in the stream (MAXLEN ~ keeps at least this many) and preloaded
 from validation import INT64_MAX
 from wallet_store import (
     BalanceLimitExceeded,
@@ -60,7 +61,6 @@ SOCKET_TIMEOUT = 1.5
 WRITE_DEADLINE = SOCKET_TIMEOUT - 0.5
 SKEW_REFRESH = 30.0  # seconds between measurements of Redis's clock against ours
 BOARD_SIZE = 10
-HISTORY = 10_000  # events kept in the stream (MAXLEN ~ keeps at least this many) and preloaded by readers
 # A full Redis (OOM under noeviction) or a read-only replica cannot apply writes either: 503, not 500.
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
          redis.exceptions.OutOfMemoryError, OSError)
