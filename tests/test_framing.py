@@ -18,7 +18,7 @@ import requests
 
 import http_server
 from conftest import wait_for
-from http_server import BadRequest, Body, Request, Server, check_chunk_line, parse_head, read_until
+from http_server import BadRequest, Body, Request, Server, check_chunk_line, parse_head, peek_until, read_until
 
 TIMEOUT = 5
 
@@ -207,6 +207,17 @@ def test_read_until_consumes_nothing_past_the_terminator():
         assert ours.recv(100) == b"NEXT"
 
 
+def test_peek_until_leaves_the_end_of_the_head_and_counts_what_came_after_it():
+    ours, theirs = _socket_pair(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nBODYNEXT")
+    with ours, theirs:
+        found, unread, spare = peek_until(ours, b"\r\n\r\n", 1000, time.monotonic() + 5, 0)
+        assert found == b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n"
+        assert spare == len(b"BODYNEXT")
+        # Nothing of the head's last piece was consumed: the caller takes it with the body in one read.
+        assert ours.recv(unread) == found[-unread:]
+        assert ours.recv(100) == b"BODYNEXT"
+
+
 def _pending(sock: socket.socket) -> int:
     """Bytes waiting in the socket's receive queue (not a read: the reader thread owns the socket)."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
@@ -286,6 +297,17 @@ def test_a_content_length_body_reads_exactly():
         request = parse_head(head(b"Content-Length: 10"))
         body = Body(ours, request, 5)
         assert body.read(100) == b"0123456789" and body.complete
+        assert ours.recv(100) == b"NEXT"
+
+
+def test_a_body_read_with_its_head_is_served_in_pieces_and_reads_nothing_more():
+    ours, theirs = _socket_pair(b"NEXT")
+    with ours, theirs:
+        request = parse_head(head(b"Content-Length: 10"))
+        body = Body(ours, request, 5, whole=b"0123456789")
+        assert body.read(4) == b"0123" and not body.complete
+        assert body.read(100) == b"456789" and body.complete
+        assert body.read() == b""
         assert ours.recv(100) == b"NEXT"
 
 
@@ -414,6 +436,18 @@ def test_pipelined_requests_are_answered_in_order_and_bodies_are_not_requests(ha
                                                              ("/c", "")]
         assert answers[2]["query"] == "q=1"
         assert not closed(s, 0.2)  # keep-alive
+
+
+def test_a_body_that_comes_after_its_head_is_read_exactly_whichever_way_it_arrives(harness):
+    # The head and the first bytes of the body in one packet, the rest in another: the server cannot
+    # take the body with the head (it is not all there yet, unless both packets beat it) and reads on.
+    h = harness(echo_app)
+    with h.connect() as s:
+        s.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n012")
+        s.sendall(b"3456789GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        buf = bytearray()
+        answers = [json.loads(read_response(s, buf)[2]) for _ in range(2)]
+        assert [(a["path"], a["body"]) for a in answers] == [("/a", "0123456789"), ("/b", "")]
 
 
 def test_responses_carry_date_and_server_and_the_body_length(harness):
