@@ -24,12 +24,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import logs
 import validation
 import wallet_pb2
 import wallet_pb2_grpc
 from auth import Auth, Principal
 from errors import GRPC_STATUS, ServiceError
-from logs import printable
 
 log = logging.getLogger("wallet.grpc")
 
@@ -99,9 +99,8 @@ def _log_call(method: str, code: str, started: float, peer: str, caller: str) ->
     if not log.isEnabledFor(logging.INFO):
         return
     duration_ms = round((time.perf_counter() - started) * 1000, 1)
-    log.info("grpc %s %s %.1fms peer=%s caller=%s", method, code, duration_ms, peer, caller,
-             extra={"grpc_method": method, "grpc_code": code, "duration_ms": duration_ms, "peer": peer,
-                    "caller": caller})
+    logs.access(log, "grpc %s %s %.1fms peer=%s caller=%s", (method, code, duration_ms, peer, caller),
+                {"grpc_method": method, "grpc_code": code, "duration_ms": duration_ms, "peer": peer, "caller": caller})
 
 
 def _code_name(context: grpc.ServicerContext, default: str) -> str:
@@ -113,7 +112,7 @@ def _code_name(context: grpc.ServicerContext, default: str) -> str:
 def _logged_name(method: str) -> str:
     if len(method) > _LOGGED_NAME_LIMIT:
         method = method[:_LOGGED_NAME_LIMIT] + "..."
-    return printable(method)
+    return logs.printable(method)
 
 
 _UNDECODABLE = object()

@@ -115,6 +115,11 @@ class _TextFormatter(logging.Formatter):
             line += f" rid={rid}"
         return _one_line(line)  # one record, one line: a traceback is folded, not split
 
+    def access_line(self, name: str, message: str, extra: dict, rid: str | None, created: float) -> str:
+        """What format() writes for an INFO record of `name` made at `created` (an access() line)."""
+        stamp = self.formatTime(_Moment(created))  # type: ignore[arg-type]
+        return _one_line(f"{stamp} INFO {name}: {message} rid={rid}" if rid else f"{stamp} INFO {name}: {message}")
+
 
 class _JsonFormatter(logging.Formatter):
     # Fields a log shipper can index; anything passed as extra= beyond the standard attributes.
@@ -135,6 +140,25 @@ class _JsonFormatter(logging.Formatter):
         if record.exc_text:
             out["exception"] = record.exc_text
         return json.dumps(out, default=str)  # JSON escapes every control character: always one line
+
+    def access_line(self, name: str, message: str, extra: dict, rid: str | None, created: float) -> str:
+        """What format() writes for an INFO record of `name` made at `created` with `extra` (an access() line)."""
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{_Moment(created).msecs:03d}Z",
+               "level": "INFO", "logger": name, "message": message}
+        out.update((key, value) for key, value in extra.items() if value is not None)
+        if rid is not None:
+            out["request_id"] = rid
+        return json.dumps(out, default=str)
+
+
+class _Moment:
+    """The two time fields a formatter reads, for lines that never became a LogRecord."""
+
+    __slots__ = ("created", "msecs")
+
+    def __init__(self, created: float) -> None:
+        self.created = created
+        self.msecs = int((created - int(created)) * 1000)  # as LogRecord computes it
 
 
 _STOP = object()
@@ -178,6 +202,26 @@ class _Records:
 _writer: tuple[threading.Thread, _Records] | None = None
 
 
+def access(logger: logging.Logger, msg: str, args: tuple, extra: dict) -> None:
+    """Log one INFO access line (an HTTP request, a gRPC call) from the thread that served it.
+
+    With setup()'s writer running, the caller only enqueues the line's parts (and its time and request
+    id) and the writer formats them as it would the LogRecord, without making one. Making it here
+    (logging's LogRecord constructor, handler dispatch) was 8 us per line of a gRPC worker's time, and
+    the line a fifth of the calls/s (issue 15, BENCHMARKS.md). Without the writer (tests, a caller that
+    set up logging its own way), the line goes through `logger.info` as usual. Arguments must be str or
+    numbers: they are formatted later.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    writer = _writer
+    # Anything beyond setup()'s one handler (pytest's caplog, an operator's own) gets the real record.
+    if writer is None or logger.handlers or logger.filters or len(logging.root.handlers) != 1:
+        logger.info(msg, *args, extra=extra)
+        return
+    writer[1].add((logger, msg, args, extra, request_id.get(), time.time()))
+
+
 def _write(records: _Records, stream: TextIO, formatter: logging.Formatter) -> None:
     """The writer thread: everything queued since it last looked is formatted and written with one flush."""
     pending = records.queue
@@ -195,8 +239,14 @@ def _write(records: _Records, stream: TextIO, formatter: logging.Formatter) -> N
                 stop = True
                 continue
             try:
-                lines.append(formatter.format(record))
+                if type(record) is tuple:  # an access() line
+                    logger, msg, args, extra, rid, created = record
+                    lines.append(formatter.access_line(logger.name, msg % args, extra, rid, created))
+                else:
+                    lines.append(formatter.format(record))
             except Exception as exc:  # a message whose arguments do not fit: say so, in the same format
+                if type(record) is tuple:
+                    record = logging.LogRecord(record[0].name, logging.INFO, "(unknown file)", 0, record[1], None, None)
                 record.msg = f"log record not formatted ({type(exc).__name__}: {exc}): {record.msg!r}"
                 record.args = None
                 with contextlib.suppress(Exception):

@@ -104,9 +104,9 @@ def _finish(response: Response) -> Response:
         principal = ctx.get("principal")
         who = f" {principal.name}" if principal is not None and principal.kind != "anonymous" else ""
         # The request id is added to the line by the log formatter, as on every line of a request.
-        log.info("%s %s %d %.1fms%s", method, target, response.status_code, elapsed, who,
-                 extra={"method": method, "path": target, "status": response.status_code, "duration_ms": elapsed,
-                        "principal": principal.name if principal is not None else None})
+        logs.access(log, "%s %s %d %.1fms%s", (method, target, response.status_code, elapsed, who),
+                    {"method": method, "path": target, "status": response.status_code, "duration_ms": elapsed,
+                     "principal": principal.name if principal is not None else None})
     return response
 
 

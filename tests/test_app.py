@@ -848,6 +848,42 @@ def test_text_log_format_keeps_a_traceback_on_one_line():
     assert "\n" not in line and "Traceback" in line and "second line" in line
 
 
+@pytest.mark.parametrize("fmt", logs.FORMATS)
+def test_an_access_line_is_written_as_the_same_record_through_logging_would_be(fmt):
+    # logs.access() skips the LogRecord on the serving thread; what it writes must not differ.
+    import io
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    quiet = logging.getLogger("wallet.test-access-quiet")
+    quiet.setLevel(logging.WARNING)
+    stream = io.StringIO()
+    logs.setup("INFO", fmt, stream=stream)
+    assert len(root.handlers) == 1  # setup()'s own handler only: access() takes its short way
+    logger = logging.getLogger("wallet.test-access")
+    args = ("POST", "/a\\x1b", 200, 1.5, "")
+    extra = {"method": "POST", "path": "/a\\x1b", "status": 200, "duration_ms": 1.5, "principal": None}
+    token = logs.request_id.set("rid-1")
+    try:
+        logs.access(logger, "%s %s %d %.1fms%s", args, extra)
+        logger.info("%s %s %d %.1fms%s", *args, extra=extra)
+        logs.access(quiet, "never %s", ("x",), {})  # below the logger's level: nothing
+    finally:
+        logs.request_id.reset(token)
+        logs.stop()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        quiet.setLevel(logging.NOTSET)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    if fmt == "json":
+        fast, slow = (json.loads(line) for line in lines)
+        del fast["time"], slow["time"]  # written a moment apart
+        assert fast == slow and fast["request_id"] == "rid-1" and "principal" not in fast
+    else:
+        assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2]  # all but the date and time
+        assert lines[0].endswith(" rid=rid-1") and "wallet.test-access: POST /a\\x1b 200 1.5ms" in lines[0]
+
+
 # -- the Origin rule (CONTRACT.md section 3) ----------------------------------------------------------------
 
 
