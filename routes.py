@@ -180,12 +180,13 @@ def _too_large() -> ServiceError:
 def read_json_object() -> dict:
     """The request body as a JSON object, whatever its Content-Type; ServiceError when it is not one."""
     req = request._get_current_object()  # type: ignore[attr-defined]
-    if (req.content_length or 0) > MAX_BODY:
+    environ = req.environ
+    declared = environ.get("CONTENT_LENGTH")  # what req.content_length parses, without its machinery
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
         raise _too_large()
     try:
         # One byte past the limit catches chunked bodies too, which declare no length (and which
         # Werkzeug would silently cut at MAX_CONTENT_LENGTH).
-        environ = req.environ
         # A server that ends wsgi.input at the body's end (ours does, Content-Length or chunked) gives
         # the same stream request.stream would, without Werkzeug's checks (read_json_object 7.5 -> 3.8 us).
         stream = environ["wsgi.input"] if environ.get("wsgi.input_terminated") else req.stream

@@ -81,6 +81,10 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads with options builds a new decoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int)
+
+
 def parse_json(data: str | bytes) -> object:
     """Parse a client's JSON text (str, or bytes as strict UTF-8); ValueError or RecursionError if it is not JSON.
 
@@ -88,4 +92,6 @@ def parse_json(data: str | bytes) -> object:
     """
     if isinstance(data, bytes):
         data = data.decode("utf-8")  # strictly: json.loads on bytes would let encoded surrogates through
-    return json.loads(data, parse_constant=_reject_constant, parse_int=_parse_int)
+    if data.startswith("\ufeff"):
+        raise ValueError("a byte order mark is not JSON")  # as json.loads refuses it
+    return _DECODER.decode(data)

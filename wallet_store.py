@@ -3,6 +3,7 @@
 import copy
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -65,8 +66,23 @@ class Result(NamedTuple):
     replayed: bool = False
 
 
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """UTC with microseconds and a Z, as datetime.fromtimestamp(ts, UTC).isoformat() gives: every event has one.
+
+    The date and time of day are formatted once per second (the whole conversion was 1.6 us per event).
+    """
+    global _second
+    second = math.floor(ts)
+    micros = round((ts - second) * 1_000_000)  # half to even, as datetime rounds
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 class EventSink(Protocol):

@@ -308,6 +308,15 @@ def test_created_at_is_rfc3339_utc_and_now(store):
     assert abs((parsed - before).total_seconds()) < 60
 
 
+@pytest.mark.parametrize("ts", [0.0, 0.9999995, 0.4999995, 1.0000005, 1_700_000_000.25, 1_795_970_150.9999996,
+                                1_795_970_150.0000004, 2**31 + 0.5e-6, 4_102_444_799.999999])
+def test_rfc3339_is_what_datetime_gives_to_the_microsecond(ts):
+    from wallet_store import rfc3339
+    # rfc3339 formats the second once and the microseconds itself: rounding at the edges must agree.
+    for t in (ts, ts + random.uniform(0, 1)):
+        assert rfc3339(t) == datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def test_created_at_follows_the_store_clock(clock):
     store = MemoryStore(RecordingHub(), clock=clock)
     clock.now = 1_700_000_000.25
