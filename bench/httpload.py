@@ -25,13 +25,14 @@ def build_request(method, path, host, body=None, headers=()):
 
 
 class _Conn:
-    __slots__ = ("sock", "request", "buf", "sent_at")
+    __slots__ = ("sock", "requests", "buf", "sent_at", "kind")
 
-    def __init__(self, sock, request):
+    def __init__(self, sock, requests):
         self.sock = sock
-        self.request = request
+        self.requests = requests  # one request per kind (one kind unless alternating)
         self.buf = b""
         self.sent_at = 0
+        self.kind = 0  # the kind of the request in flight
 
 
 def _connect(host, port):
@@ -41,21 +42,24 @@ def _connect(host, port):
     return sock
 
 
-def worker(host, port, requests, start_at, warmup, duration, out):
+def worker(host, port, requests, start_at, warmup, duration, out, alternate=None, slot=0.25):
     """Drive one connection per entry of `requests` (bytes) from start_at (monotonic) on.
 
     Requests completed during the first `warmup` seconds are not counted; the run lasts
-    warmup + duration seconds. Puts a summary dict on `out`.
+    warmup + duration seconds. Puts a summary dict on `out`. With `alternate` (a second list, one request
+    per connection), the connections send `requests` and `alternate` in turns of `slot` seconds, and the
+    summary has one entry per kind in "kinds": two loads measured in the same seconds, so a machine
+    that drifts slows both alike.
     """
     raise_nofile()
     sel = selectors.DefaultSelector()
     conns = []
-    for req in requests:
-        conn = _Conn(_connect(host, port), req)
+    sets = [requests] if alternate is None else [requests, alternate]
+    for reqs in zip(*sets, strict=True):
+        conn = _Conn(_connect(host, port), reqs)
         conns.append(conn)
         sel.register(conn.sock, selectors.EVENT_READ, conn)
-    statuses = {}
-    latencies = []
+    kinds = [{"statuses": {}, "latencies": []} for _ in sets]
     reconnects = errors = 0
     now = time.monotonic()
     if start_at > now:
@@ -64,9 +68,15 @@ def worker(host, port, requests, start_at, warmup, duration, out):
     count_from = t0 + warmup
     end = count_from + duration
     perf = time.perf_counter
-    for conn in conns:
+    turns = len(sets)
+
+    def send(conn, now_m):
+        conn.kind = int((now_m - t0) / slot) % turns if turns > 1 else 0
         conn.sent_at = perf()
-        conn.sock.send(conn.request)
+        conn.sock.send(conn.requests[conn.kind])
+
+    for conn in conns:
+        send(conn, t0)
     active = len(conns)
     while active:
         events = sel.select(0.5)
@@ -88,8 +98,7 @@ def worker(host, port, requests, start_at, warmup, duration, out):
                     conn.sock = _connect(host, port)
                     conn.buf = b""
                     sel.register(conn.sock, selectors.EVENT_READ, conn)
-                    conn.sent_at = perf()
-                    conn.sock.send(conn.request)
+                    send(conn, now_m)
                 else:
                     active -= 1
                 continue
@@ -114,8 +123,9 @@ def worker(host, port, requests, start_at, warmup, duration, out):
             done = perf()
             if now_m >= count_from and now_m < end:
                 status = head[9:12].decode()
-                statuses[status] = statuses.get(status, 0) + 1
-                latencies.append(done - conn.sent_at)
+                stats = kinds[conn.kind]
+                stats["statuses"][status] = stats["statuses"].get(status, 0) + 1
+                stats["latencies"].append(done - conn.sent_at)
             closing = b"\r\nconnection: close" in lower
             if now_m >= end:
                 sel.unregister(conn.sock)
@@ -128,8 +138,7 @@ def worker(host, port, requests, start_at, warmup, duration, out):
                 conn.sock.close()
                 conn.sock = _connect(host, port)
                 sel.register(conn.sock, selectors.EVENT_READ, conn)
-            conn.sent_at = perf()
-            conn.sock.send(conn.request)
+            send(conn, now_m)
         if time.monotonic() > end + 10:  # a request that never completes must not hang the benchmark
             errors += active
             break
@@ -138,9 +147,41 @@ def worker(host, port, requests, start_at, warmup, duration, out):
             conn.sock.close()
         except OSError:
             pass
-    latencies.sort()
-    out.put({"completed": len(latencies), "duration": duration, "statuses": statuses, "errors": errors,
-             "reconnects": reconnects, "latencies": latencies})
+    for stats in kinds:
+        stats["latencies"].sort()
+    first = kinds[0]
+    out.put({"completed": len(first["latencies"]), "duration": duration, "statuses": first["statuses"],
+             "errors": errors, "reconnects": reconnects, "latencies": first["latencies"], "kinds": kinds})
+
+
+def run_alternating(host, port, first, second, duration=10.0, warmup=0.5, slot=0.25):
+    """Two loads on one server in turns of `slot` seconds over the same connections: (first's, second's) figures.
+
+    Each gets half of `duration`; rps is per second of its own turns.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.monotonic() + 0.8
+    p = ctx.Process(target=worker, args=(host, port, first, start_at, warmup, duration, out, second, slot),
+                    daemon=True)
+    p.start()
+    result = out.get(timeout=duration + warmup + 60)
+    p.join(timeout=10)
+    return tuple(_summary(k["latencies"], k["statuses"], duration / 2, result["errors"], result["reconnects"])
+                 for k in result["kinds"])
+
+
+def _summary(latencies, statuses, seconds, errors, reconnects):
+    return {
+        "rps": len(latencies) / seconds,
+        "p50_ms": (percentile(latencies, 50) or 0) * 1000,
+        "p99_ms": (percentile(latencies, 99) or 0) * 1000,
+        "max_ms": (latencies[-1] if latencies else 0) * 1000,
+        "completed": len(latencies),
+        "statuses": statuses,
+        "errors": errors,
+        "reconnects": reconnects,
+    }
 
 
 def run_load(host, port, requests, duration=5.0, warmup=0.5, processes=1):
@@ -174,13 +215,5 @@ def run_load_many(targets, duration=5.0, warmup=0.5):
     for r in results:
         for k, v in r["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
-    return {
-        "rps": len(latencies) / duration,
-        "p50_ms": (percentile(latencies, 50) or 0) * 1000,
-        "p99_ms": (percentile(latencies, 99) or 0) * 1000,
-        "max_ms": (latencies[-1] if latencies else 0) * 1000,
-        "completed": len(latencies),
-        "statuses": statuses,
-        "errors": sum(r["errors"] for r in results),
-        "reconnects": sum(r["reconnects"] for r in results),
-    }
+    return _summary(latencies, statuses, duration, sum(r["errors"] for r in results),
+                    sum(r["reconnects"] for r in results))

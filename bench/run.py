@@ -103,45 +103,34 @@ def _summ(runs, key):
 
 
 def row_http(cfg):
-    """Row 1: deposit requests/s and p99 at 16 and 64 keep-alive connections vs a constant Flask route and /healthz."""
-    from httpload import build_request, run_load
+    """Row 1: deposit requests/s and p99 at 16 and 64 keep-alive connections vs a constant Flask route."""
+    from httpload import run_load
 
     app = app_server("row1-app")
     port = free_port()
     base = ServerProcess("row1-baseline", ["bench/baseline_http.py", "--port", str(port)], [port])
-    healthz = [build_request("GET", "/healthz", HOST)] * cfg.conns[0]
     out = {}
     try:
-        runs = {(c, kind): [] for c in cfg.conns for kind in ("app", "baseline", "healthz")}
+        runs = {(c, kind): [] for c in cfg.conns for kind in ("app", "baseline")}
         for i in range(cfg.runs):
             for conns in cfg.conns:
                 reqs = deposit_requests(conns)
-                kinds = [("baseline", port, reqs), ("app", app.http_port, reqs)]
-                if conns == cfg.conns[0]:  # issue 15: deposit against /healthz on the same server, both logged
-                    kinds.append(("healthz", app.http_port, healthz))
-                for kind, p, rq in kinds:
+                for kind, p, rq in (("baseline", port, reqs), ("app", app.http_port, reqs)):
                     r = run_load(HOST, p, rq, duration=cfg.duration, processes=cfg.loadgen_procs)
                     runs[(conns, kind)].append(r)
                     log(f"  row 1 run {i + 1}: {kind:8} {conns:3} conns: {r['rps']:7.0f} req/s"
                         f"  p99 {r['p99_ms']:6.1f} ms  statuses {r['statuses']} errors {r['errors']}")
         for conns in cfg.conns:
-            a, b, h = runs[(conns, "app")], runs[(conns, "baseline")], runs[(conns, "healthz")]
+            a, b = runs[(conns, "app")], runs[(conns, "baseline")]
             out[str(conns)] = {
                 "rps": _summ(a, "rps"), "p99_ms": _summ(a, "p99_ms"), "p50_ms": _summ(a, "p50_ms"),
                 "baseline_rps": _summ(b, "rps"), "baseline_p99_ms": _summ(b, "p99_ms"),
                 "ratio": _summ(a, "rps") / _summ(b, "rps"),
                 "run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)],
                 "non_200": sum(v for r in a for k, v in r["statuses"].items() if k != "200"),
-                "errors": sum(r["errors"] for r in a + b + h),
+                "errors": sum(r["errors"] for r in a + b),
                 "runs": {"app": [_strip(r) for r in a], "baseline": [_strip(r) for r in b]},
             }
-            if h:
-                out[str(conns)].update({
-                    "healthz_rps": _summ(h, "rps"), "healthz_p99_ms": _summ(h, "p99_ms"),
-                    "healthz_ratio": _summ(a, "rps") / _summ(h, "rps"),
-                    "healthz_run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, h, strict=True)],
-                })
-                out[str(conns)]["runs"]["healthz"] = [_strip(r) for r in h]
     finally:
         out["app_exit"] = app.stop()[0]
         base.stop()
@@ -156,24 +145,20 @@ BENCH_KEY = "bench-operator-key-0123456789abcdefghijklmnop"  # 40 characters: a 
 
 
 def row_grpc(cfg):
-    """Row 2: GetBalance calls/s and p99, 16 concurrent calls: the service (auth off, on) vs bare and constant."""
+    """Row 2: GetBalance calls/s and p99, 16 concurrent calls: the service vs a constant servicer."""
     from grpcload import run_load
 
     servers = []
     try:
         targets = []
-        for mode in ("constant", "bare"):
-            port = free_port()
-            servers.append(ServerProcess(f"row2-{mode}", ["bench/baseline_grpc.py", "--port", str(port),
-                                                          "--mode", mode], [port]))
-            targets.append((mode, f"{HOST}:{port}", None))
+        port = free_port()
+        servers.append(ServerProcess("row2-constant", ["bench/baseline_grpc.py", "--port", str(port),
+                                                       "--mode", "constant"], [port]))
+        targets.append(("constant", f"{HOST}:{port}", None))
         app = app_server("row2-app")
         servers.append(app)
         RawHTTP(app.http_port).post("/api/wallet/deposit", {"user_id": "bench1", "amount": 100})
         targets.append(("app", f"{HOST}:{app.grpc_port}", None))
-        secured = app_server("row2-app-auth", env={"API_KEYS": BENCH_KEY})
-        servers.append(secured)
-        targets.append(("app_auth", f"{HOST}:{secured.grpc_port}", BENCH_KEY))
         runs = {kind: [] for kind, _, _ in targets}
         for i in range(cfg.runs):
             for kind, target, token in targets:
@@ -186,17 +171,9 @@ def row_grpc(cfg):
             "baseline_rps": _summ(b, "rps"), "baseline_p99_ms": _summ(b, "p99_ms"),
             "ratio": _summ(a, "rps") / _summ(b, "rps"),
             "run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)],
-            "non_ok": sum(v for kind in ("app", "app_auth") for r in runs[kind] for k, v in r["codes"].items()
-                          if k != "OK"),
+            "non_ok": sum(v for r in a for k, v in r["codes"].items() if k != "OK"),
             "runs": {kind: [_strip(r) for r in rs] for kind, rs in runs.items()},
         }
-        bare = _summ(runs["bare"], "rps")
-        for kind in ("bare", "app_auth"):
-            out[kind] = {"rps": _summ(runs[kind], "rps"), "p99_ms": _summ(runs[kind], "p99_ms")}
-        out["bare_ratio"] = {"auth_off": out["rps"] / bare, "auth_on": out["app_auth"]["rps"] / bare}
-        out["bare_run_ratios"] = {
-            "auth_off": [x["rps"] / y["rps"] for x, y in zip(a, runs["bare"], strict=True)],
-            "auth_on": [x["rps"] / y["rps"] for x, y in zip(runs["app_auth"], runs["bare"], strict=True)]}
         return out
     finally:
         for srv in servers:
@@ -400,24 +377,11 @@ def table(rows):
                          f" | {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.1f} ms"
                          f" | {r['baseline_rps']:,.0f} req/s, p99 {r['baseline_p99_ms']:.1f} ms (constant Flask route)"
                          f" | {r['ratio']:.2f} | ≥ 0.9 | {_ok(r['ratio'] >= 0.9)} |")
-            if "healthz_rps" in r:
-                lines.append(f"| 1 | deposit vs /healthz on the same server, {conns} connections (both logged)"
-                             f" | {r['rps']:,.0f} req/s | {r['healthz_rps']:,.0f} req/s,"
-                             f" p99 {r['healthz_p99_ms']:.1f} ms (/healthz) | {r['healthz_ratio']:.2f} | ≥ 0.9"
-                             f" | {_ok(r['healthz_ratio'] >= 0.9)} |")
     if "grpc" in rows:
         r = rows["grpc"]
         lines.append(f"| 2 | gRPC GetBalance, 16 concurrent calls | {r['rps']:,.0f} calls/s, p99 {r['p99_ms']:.1f} ms"
                      f" | {r['baseline_rps']:,.0f} calls/s, p99 {r['baseline_p99_ms']:.1f} ms (constant servicer)"
                      f" | {r['ratio']:.2f} | ≥ 0.9 | {_ok(r['ratio'] >= 0.9)} |")
-        if "bare_ratio" in r:
-            bare, secured = r["bare"], r["app_auth"]
-            for label, rps, p99, ratio in (("authentication off", r["rps"], r["p99_ms"], r["bare_ratio"]["auth_off"]),
-                                           ("authentication on", secured["rps"], secured["p99_ms"],
-                                            r["bare_ratio"]["auth_on"])):
-                lines.append(f"| 2 | gRPC GetBalance, every interceptor, {label} | {rps:,.0f} calls/s, p99 {p99:.1f} ms"
-                             f" | {bare['rps']:,.0f} calls/s, p99 {bare['p99_ms']:.1f} ms (bare WalletServicer, same"
-                             f" server setup) | {ratio:.2f} | ≥ 0.85 | {_ok(ratio >= 0.85)} |")
     if "fanout" in rows:
         f = rows["fanout"]
         for size, r in f["sizes"].items():
@@ -519,6 +483,7 @@ def config(args):
         redis_cost_writes=200 if quick else 1000,
         flood_samples=50 if quick else 100,
         idem_records=20_000 if quick else 50_000,
+        layers_duration=4.0 if quick else 10.0,
     )
 
 
