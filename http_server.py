@@ -265,12 +265,16 @@ class Body:
         self._left = 0 if request.chunked else request.length  # bytes left in the body or current chunk
         self._done = not request.chunked and request.length == 0
         self._on_first_read = on_first_read
-        self._whole = whole  # the entire body, already read from the socket with the head
+        self._whole = whole
         self.failed = False
 
     @property
     def complete(self) -> bool:
-        return self._done and not self.failed
+        """Whether the socket is at the end of this request, so the connection may carry the next one.
+
+        A body read with the head counts even if the app never read it (a 401 before the JSON).
+        """
+        return (self._done or self._whole is not None) and not self.failed
 
     def read(self, size: int | None = -1) -> bytes:
         if self._done or size == 0:
@@ -434,7 +438,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return False
         self.command, self.request_version = request.method, request.version
         self.requestline = f"{request.method} {request.target} {request.version}"
-        # A body that arrived whole with the head is consumed with it, in one recv.
+        # Not for chunked bodies (framing to check) nor 100-continue (the client waits for our 100).
         whole = not request.chunked and not request.expect_continue and 0 < request.length <= spare
         try:
             data = _recv_exactly(self.connection, unread + (request.length if whole else 0))

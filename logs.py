@@ -95,9 +95,12 @@ class _QueueHandler(logging.Handler):
 _TRACEBACKS = logging.Formatter()
 
 
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class _TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__(_TEXT_FORMAT)
         self._second: int | None = None
         self._stamp = ""
 
@@ -117,8 +120,9 @@ class _TextFormatter(logging.Formatter):
 
     def access_line(self, name: str, message: str, extra: dict, rid: str | None, created: float) -> str:
         """What format() writes for an INFO record of `name` made at `created` (an access() line)."""
-        stamp = self.formatTime(_Moment(created))  # type: ignore[arg-type]
-        return _one_line(f"{stamp} INFO {name}: {message} rid={rid}" if rid else f"{stamp} INFO {name}: {message}")
+        line = _TEXT_FORMAT % {"asctime": self.formatTime(_Moment(created)),  # type: ignore[arg-type]
+                               "levelname": "INFO", "name": name, "message": message}
+        return _one_line(f"{line} rid={rid}" if rid else line)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -127,7 +131,7 @@ class _JsonFormatter(logging.Formatter):
 
     def format(self, record):
         out = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": _json_time(record.created, record.msecs),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -143,12 +147,16 @@ class _JsonFormatter(logging.Formatter):
 
     def access_line(self, name: str, message: str, extra: dict, rid: str | None, created: float) -> str:
         """What format() writes for an INFO record of `name` made at `created` with `extra` (an access() line)."""
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{_Moment(created).msecs:03d}Z",
-               "level": "INFO", "logger": name, "message": message}
+        out = {"time": _json_time(created, _Moment(created).msecs), "level": "INFO", "logger": name,
+               "message": message}
         out.update((key, value) for key, value in extra.items() if value is not None)
         if rid is not None:
             out["request_id"] = rid
         return json.dumps(out, default=str)
+
+
+def _json_time(created: float, msecs: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z"
 
 
 class _Moment:
@@ -199,7 +207,7 @@ class _Records:
         self.idle = False
 
 
-_writer: tuple[threading.Thread, _Records] | None = None
+_writer: tuple[threading.Thread, _Records, _QueueHandler] | None = None
 
 
 def access(logger: logging.Logger, msg: str, args: tuple, extra: dict) -> None:
@@ -215,11 +223,23 @@ def access(logger: logging.Logger, msg: str, args: tuple, extra: dict) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
     writer = _writer
-    # Anything beyond setup()'s one handler (pytest's caplog, an operator's own) gets the real record.
-    if writer is None or logger.handlers or logger.filters or len(logging.root.handlers) != 1:
+    # The short way only where the record would reach setup()'s handler alone, unfiltered: anything else
+    # (pytest's caplog, an operator's own handler or filter) gets the real record.
+    if (writer is None or logger.handlers or logger.filters or not logger.propagate
+            or (logger.parent is not logging.root and logger.parent.handlers)
+            or len(logging.root.handlers) != 1 or logging.root.handlers[0] is not writer[2] or writer[2].filters):
         logger.info(msg, *args, extra=extra)
         return
     writer[1].add((logger, msg, args, extra, request_id.get(), time.time()))
+
+
+def _as_record(item: tuple) -> logging.LogRecord:
+    """The LogRecord logger.info would have made for an access() line (for the rare line that fails to format)."""
+    logger, msg, args, extra, rid, created = item
+    record = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, msg, args, None, extra=extra)
+    record.created, record.msecs = created, _Moment(created).msecs
+    record.request_id = rid
+    return record
 
 
 def _write(records: _Records, stream: TextIO, formatter: logging.Formatter) -> None:
@@ -239,14 +259,14 @@ def _write(records: _Records, stream: TextIO, formatter: logging.Formatter) -> N
                 stop = True
                 continue
             try:
-                if type(record) is tuple:  # an access() line
+                if type(record) is tuple:
                     logger, msg, args, extra, rid, created = record
                     lines.append(formatter.access_line(logger.name, msg % args, extra, rid, created))
                 else:
                     lines.append(formatter.format(record))
             except Exception as exc:  # a message whose arguments do not fit: say so, in the same format
                 if type(record) is tuple:
-                    record = logging.LogRecord(record[0].name, logging.INFO, "(unknown file)", 0, record[1], None, None)
+                    record = _as_record(record)
                 record.msg = f"log record not formatted ({type(exc).__name__}: {exc}): {record.msg!r}"
                 record.args = None
                 with contextlib.suppress(Exception):
@@ -271,7 +291,8 @@ def setup(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) 
     formatter = _JsonFormatter() if fmt == "json" else _TextFormatter()
     records = _Records()
     root = logging.getLogger()
-    root.handlers[:] = [_QueueHandler(records)]
+    handler = _QueueHandler(records)
+    root.handlers[:] = [handler]
     root.setLevel(level)
     # Record fields neither format writes, each looked up per record otherwise: the caller's file and
     # line (a stack walk), the process name and id, the thread.
@@ -282,14 +303,14 @@ def setup(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) 
     thread = threading.Thread(target=_write, args=(records, stream or sys.stderr, formatter), name="log-writer",
                               daemon=True)
     thread.start()
-    _writer = (thread, records)
+    _writer = (thread, records, handler)
 
 
 def stop() -> None:
     """Write out every queued record and stop the writer thread."""
     global _writer
     if _writer is not None:
-        thread, records = _writer
+        thread, records, _ = _writer
         _writer = None
         records.add(_STOP)
         records.wake.set()

@@ -65,7 +65,7 @@ SKEW_REFRESH = 30.0  # seconds between measurements of Redis's clock against our
 # fewer than 2 events, and that was most of what separated a deposit from /healthz on Redis (issue 15).
 # A live event waits at most this much longer (the first one after a quiet spell not at all).
 READ_GATHER = 0.005
-_READ_COUNT = 1000
+_READ_COUNT = 1000  # entries per XREAD; a read that comes back full means more are waiting: no gathering then
 BOARD_SIZE = 10
 # A full Redis (OOM under noeviction) or a read-only replica cannot apply writes either: 503, not 500.
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,

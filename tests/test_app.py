@@ -860,8 +860,8 @@ def test_an_access_line_is_written_as_the_same_record_through_logging_would_be(f
     logs.setup("INFO", fmt, stream=stream)
     assert len(root.handlers) == 1  # setup()'s own handler only: access() takes its short way
     logger = logging.getLogger("wallet.test-access")
-    args = ("POST", "/a\\x1b", 200, 1.5, "")
-    extra = {"method": "POST", "path": "/a\\x1b", "status": 200, "duration_ms": 1.5, "principal": None}
+    args = ("POST", "/a\x1b\n\u2028", 200, 1.5, "")  # control characters: one line whichever way
+    extra = {"method": "POST", "path": "/a\x1b\n\u2028", "status": 200, "duration_ms": 1.5, "principal": None}
     token = logs.request_id.set("rid-1")
     try:
         logs.access(logger, "%s %s %d %.1fms%s", args, extra)
@@ -881,7 +881,16 @@ def test_an_access_line_is_written_as_the_same_record_through_logging_would_be(f
         assert fast == slow and fast["request_id"] == "rid-1" and "principal" not in fast
     else:
         assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2]  # all but the date and time
-        assert lines[0].endswith(" rid=rid-1") and "wallet.test-access: POST /a\\x1b 200 1.5ms" in lines[0]
+        assert lines[0].endswith(" rid=rid-1") and "wallet.test-access: POST /a\\x1b\\n\\u2028 200 1.5ms" in lines[0]
+
+
+def test_an_access_line_reaches_other_handlers_as_a_record(caplog):
+    # With a handler beside setup()'s (here pytest's), access() takes logging's own way.
+    logger = logging.getLogger("wallet.test-access-caplog")
+    with caplog.at_level(logging.INFO, logger.name):
+        logs.access(logger, "%s %d", ("GET", 200), {"status": 200})
+    (record,) = [r for r in caplog.records if r.name == logger.name]
+    assert record.getMessage() == "GET 200" and record.status == 200
 
 
 # -- the Origin rule (CONTRACT.md section 3) ----------------------------------------------------------------

@@ -305,7 +305,8 @@ def test_a_body_read_with_its_head_is_served_in_pieces_and_reads_nothing_more():
     with ours, theirs:
         request = parse_head(head(b"Content-Length: 10"))
         body = Body(ours, request, 5, whole=b"0123456789")
-        assert body.read(4) == b"0123" and not body.complete
+        assert body.complete  # the socket is at the end of the request, read or not
+        assert body.read(4) == b"0123"
         assert body.read(100) == b"456789" and body.complete
         assert body.read() == b""
         assert ours.recv(100) == b"NEXT"
@@ -538,6 +539,22 @@ def test_a_body_the_app_did_not_read_closes_the_connection(harness):
         status, headers, _ = read_response(s, buf)
         assert status == 413 and headers["connection"] == "close"  # no 100 was sent: the body never came
         assert closed(s)
+
+
+def test_a_body_that_came_with_its_head_keeps_the_connection_even_unread(harness):
+    # The body was taken from the socket with the head, so the next bytes are the next request.
+    def refuse(environ, start_response):
+        start_response("401 Unauthorized", [("Content-Type", "application/json")])
+        return [environ["PATH_INFO"].encode()]
+
+    h = harness(refuse)
+    with h.connect() as s:
+        s.sendall(b"POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                  b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        buf = bytearray()
+        first, second = read_response(s, buf), read_response(s, buf)
+        assert (first[0], first[2], second[0], second[2]) == (401, b"/first", 401, b"/second")
+        assert "connection" not in second[1] and not closed(s, 0.2)
 
 
 def test_a_malformed_chunked_body_the_app_gave_up_on_is_400(harness):

@@ -126,3 +126,20 @@ def test_limit_accepts_1_to_1000(raw, expected):
 def test_limit_rejects_bad_values(raw):
     with pytest.raises(ValidationError, match="limit"):
         validate_limit(raw)
+
+
+# -- JSON text ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [b"\xef\xbb\xbf{}", "\ufeff{}", b"NaN", b"[Infinity]", b"{} x", b"\xff{}", b""])
+def test_parse_json_refuses_what_is_not_json(text):
+    from validation import parse_json
+    with pytest.raises(ValueError):
+        parse_json(text)
+
+
+@pytest.mark.parametrize("text, value", [(b' {"a": [1, -2]} ', {"a": [1, -2]}), ("1" + "0" * 200, 10**64),
+                                         (b'"caf\xc3\xa9"', "caf\u00e9")])
+def test_parse_json_parses_json_with_oversized_integers_out_of_range(text, value):
+    from validation import parse_json
+    assert parse_json(text) == value
