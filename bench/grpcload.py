@@ -63,7 +63,9 @@ async def _drive(targets, user_id, concurrency, warmup, duration, slot=0.25):
     return results
 
 
-def _worker(targets, user_id, concurrency, warmup, duration, out):
+def _worker(targets, user_id, concurrency, warmup, duration, out, cpus=None):
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
     out.put(asyncio.run(_drive(targets, user_id, concurrency, warmup, duration)))
@@ -80,10 +82,10 @@ def _summary(latencies, codes, seconds):
     }
 
 
-def _run(targets, user_id, concurrency, duration, warmup):
+def _run(targets, user_id, concurrency, duration, warmup, cpus=None):
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(targets, user_id, concurrency, warmup, duration, out), daemon=True)
+    p = ctx.Process(target=_worker, args=(targets, user_id, concurrency, warmup, duration, out, cpus), daemon=True)
     p.start()
     results = out.get(timeout=duration + warmup + 60)
     p.join(timeout=10)
@@ -96,10 +98,10 @@ def run_load(target, user_id="bench1", concurrency=16, duration=5.0, warmup=0.5,
     return _summary(latencies, codes, duration)
 
 
-def run_alternating(first, second, user_id="bench1", concurrency=16, duration=10.0, warmup=0.5):
+def run_alternating(first, second, user_id="bench1", concurrency=16, duration=10.0, warmup=0.5, cpus=None):
     """Two servers called in turns of a quarter second by the same tasks: (first's, second's) figures.
 
     `first` and `second` are (target, token); each gets half of `duration`, rps is per second of its turns.
     """
-    results = _run([first, second], user_id, concurrency, duration, warmup)
+    results = _run([first, second], user_id, concurrency, duration, warmup, cpus)
     return tuple(_summary(latencies, codes, duration / 2) for latencies, codes in results)

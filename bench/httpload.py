@@ -7,6 +7,7 @@ http.client, so that on a small machine the server, not the client, is what is m
 
 import json
 import multiprocessing
+import os
 import selectors
 import socket
 import time
@@ -42,7 +43,7 @@ def _connect(host, port):
     return sock
 
 
-def worker(host, port, requests, start_at, warmup, duration, out, alternate=None, slot=0.25):
+def worker(host, port, requests, start_at, warmup, duration, out, alternate=None, slot=0.25, cpus=None):
     """Drive one connection per entry of `requests` (bytes) from start_at (monotonic) on.
 
     Requests completed during the first `warmup` seconds are not counted; the run lasts
@@ -52,6 +53,8 @@ def worker(host, port, requests, start_at, warmup, duration, out, alternate=None
     that drifts slows both alike.
     """
     raise_nofile()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     sel = selectors.DefaultSelector()
     conns = []
     sets = [requests] if alternate is None else [requests, alternate]
@@ -154,7 +157,7 @@ def worker(host, port, requests, start_at, warmup, duration, out, alternate=None
              "errors": errors, "reconnects": reconnects, "latencies": first["latencies"], "kinds": kinds})
 
 
-def run_alternating(host, port, first, second, duration=10.0, warmup=0.5, slot=0.25):
+def run_alternating(host, port, first, second, duration=10.0, warmup=0.5, slot=0.25, cpus=None):
     """Two loads on one server in turns of `slot` seconds over the same connections: (first's, second's) figures.
 
     Each gets half of `duration`; rps is per second of its own turns.
@@ -162,7 +165,7 @@ def run_alternating(host, port, first, second, duration=10.0, warmup=0.5, slot=0
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     start_at = time.monotonic() + 0.8
-    p = ctx.Process(target=worker, args=(host, port, first, start_at, warmup, duration, out, second, slot),
+    p = ctx.Process(target=worker, args=(host, port, first, start_at, warmup, duration, out, second, slot, cpus),
                     daemon=True)
     p.start()
     result = out.get(timeout=duration + warmup + 60)

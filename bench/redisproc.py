@@ -20,7 +20,7 @@ def redis_binary():
 
 
 class RedisProcess:
-    def __init__(self, name="redis", persistent=True, timeout=10.0):
+    def __init__(self, name="redis", persistent=True, timeout=10.0, cpus=None):
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("redis-server not found: apt-get install redis-server")
@@ -33,7 +33,8 @@ class RedisProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                                       "--daemonize", "no", "--protected-mode", "no", *persistence],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.pid = self.proc.pid
         self.persistent = persistent
         deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from client import HOST, RawHTTP, fanout_once
-from common import ROOT, ServerProcess, app_server, free_port, median
+from common import ROOT, ServerProcess, app_server, free_port, median, split_cpus
 
 # Fan-out at 1,000 subscribers before the event history existed (commit 39fd923, the last recorded run
 # before issue 11): the reference for "fan-out latency unchanged within noise".
@@ -250,7 +250,21 @@ def _paired(label, rounds, measure):
 
 
 def row_layers(cfg):
-    """Row 10 (issue 15): deposit vs /healthz in memory and on Redis, GetBalance vs a bare servicer, interleaved."""
+    """Row 10 (issue 15): deposit vs /healthz in memory and on Redis, GetBalance vs a bare servicer, interleaved.
+
+    Twice: with every process free to run on any CPU (as rows 1-9), then with the servers on one half of
+    the CPUs and the load generator on the other (see split_cpus). Redis, which in production runs on
+    a machine of its own, shares the load generator's half rather than the service's.
+    """
+    server_cpus, client_cpus = split_cpus()
+    out = {"shared": _layers(cfg, "shared", None, None)}
+    if server_cpus:
+        out["pinned"] = _layers(cfg, "pinned", server_cpus, client_cpus)
+        out["pinned"].update(server_cpus=sorted(server_cpus), client_cpus=sorted(client_cpus))
+    return out
+
+
+def _layers(cfg, label, server_cpus, client_cpus):
     from grpcload import run_alternating as grpc_alternating
     from httpload import build_request, run_alternating
     from redisproc import RedisProcess
@@ -260,32 +274,34 @@ def row_layers(cfg):
     deposits = deposit_requests(n, prefix="l")
     healthz = [build_request("GET", "/healthz", HOST)] * n
     out = {}
-    rp = RedisProcess("row10-redis")
+    rp = RedisProcess(f"row10-{label}-redis", cpus=client_cpus)
     servers = []
     try:
-        mem = app_server("row10-memory")
+        mem = app_server(f"row10-{label}-memory", cpus=server_cpus)
         servers.append(mem)
-        red = app_server("row10-redis", "--redis-url", rp.url, "--redis-prefix", "bench10:")
+        red = app_server(f"row10-{label}-redis", "--redis-url", rp.url, "--redis-prefix", "bench10:",
+                         cpus=server_cpus)
         servers.append(red)
         for name, srv in (("memory", mem), ("redis", red)):
             out[f"deposit_vs_healthz_{name}"] = _paired(
-                f"deposit/healthz {name}", cfg.runs,
-                lambda srv=srv: run_alternating(HOST, srv.http_port, deposits, healthz, duration=cfg.layers_duration))
+                f"{label} deposit/healthz {name}", cfg.runs,
+                lambda srv=srv: run_alternating(HOST, srv.http_port, deposits, healthz, duration=cfg.layers_duration,
+                                                cpus=client_cpus))
         red.stop()
         rp.stop()
 
         port = free_port()
-        servers.append(ServerProcess("row10-bare", ["bench/baseline_grpc.py", "--port", str(port), "--mode", "bare"],
-                                     [port]))
-        secured = app_server("row10-auth", env={"API_KEYS": BENCH_KEY})
+        servers.append(ServerProcess(f"row10-{label}-bare", ["bench/baseline_grpc.py", "--port", str(port),
+                                                              "--mode", "bare"], [port], cpus=server_cpus))
+        secured = app_server(f"row10-{label}-auth", env={"API_KEYS": BENCH_KEY}, cpus=server_cpus)
         servers.append(secured)
         RawHTTP(mem.http_port).post("/api/wallet/deposit", {"user_id": "bench1", "amount": 100})
         bare = (f"{HOST}:{port}", None)
         for name, srv, token in (("auth_off", mem, None), ("auth_on", secured, BENCH_KEY)):
             out[f"grpc_vs_bare_{name}"] = _paired(
-                f"GetBalance/bare {name}", cfg.runs,
+                f"{label} GetBalance/bare {name}", cfg.runs,
                 lambda srv=srv, token=token: grpc_alternating((f"{HOST}:{srv.grpc_port}", token), bare,
-                                                              duration=cfg.layers_duration))
+                                                              duration=cfg.layers_duration, cpus=client_cpus))
     finally:
         for srv in servers:
             srv.stop()
@@ -373,21 +389,25 @@ def table_lines(rows):
                      f" | h11 {p['h11_us']:.1f} µs; http.server {p['http.server_us']:.1f} µs"
                      f" | {p['strict_us'] / p['http.server_us']:.2f} (vs http.server) | reported | |")
     if "layers" in rows:
-        r = rows["layers"]
-        for key, what, base, target in (
-                ("deposit_vs_healthz_memory", "deposit vs /healthz, same server, 16 connections, in memory",
-                 "/healthz", 0.9),
-                ("deposit_vs_healthz_redis", "deposit vs /healthz, same server, 16 connections, on Redis",
-                 "/healthz", 0.9),
-                ("grpc_vs_bare_auth_off", "gRPC GetBalance, every interceptor, authentication off, 16 calls",
-                 "bare WalletServicer, same server setup", 0.85),
-                ("grpc_vs_bare_auth_on", "gRPC GetBalance, every interceptor, authentication on, 16 calls",
-                 "bare WalletServicer, same server setup", 0.85)):
-            x = r[key]
-            unit = "calls/s" if key.startswith("grpc") else "req/s"
-            pairs = x["run_ratios"]
-            lines.append(f"| 10 | {what} | {x['rps']:,.0f} {unit}, p99 {_ms(x['p99_ms'])} ms"
-                         f" | {x['baseline_rps']:,.0f} {unit}, p99 {_ms(x['baseline_p99_ms'])} ms ({base})"
-                         f" | {x['ratio']:.2f} (median of {len(pairs)} runs, {min(pairs):.2f}–{max(pairs):.2f})"
-                         f" | ≥ {target} | {_ok(x['ratio'] >= target)} |")
+        for setup, where in (("shared", "every process on any CPU"), ("pinned", "service and load generator on CPUs"
+                                                                                 " of their own")):
+            r = rows["layers"].get(setup)
+            if r is None:
+                continue
+            for key, what, base, target in (
+                    ("deposit_vs_healthz_memory", "deposit vs /healthz, same server, 16 connections, in memory",
+                     "/healthz", 0.9),
+                    ("deposit_vs_healthz_redis", "deposit vs /healthz, same server, 16 connections, on Redis",
+                     "/healthz", 0.9),
+                    ("grpc_vs_bare_auth_off", "gRPC GetBalance, every interceptor, authentication off, 16 calls",
+                     "bare WalletServicer, same server setup", 0.85),
+                    ("grpc_vs_bare_auth_on", "gRPC GetBalance, every interceptor, authentication on, 16 calls",
+                     "bare WalletServicer, same server setup", 0.85)):
+                x = r[key]
+                unit = "calls/s" if key.startswith("grpc") else "req/s"
+                runs = x["run_ratios"]
+                lines.append(f"| 10 | {what}; {where} | {x['rps']:,.0f} {unit}, p99 {_ms(x['p99_ms'])} ms"
+                             f" | {x['baseline_rps']:,.0f} {unit}, p99 {_ms(x['baseline_p99_ms'])} ms ({base})"
+                             f" | {x['ratio']:.2f} (median of {len(runs)} runs, {min(runs):.2f}–{max(runs):.2f})"
+                             f" | ≥ {target} | {_ok(x['ratio'] >= target)} |")
     return lines
