@@ -408,6 +408,7 @@ def table_lines(rows):
                 runs = x["run_ratios"]
                 lines.append(f"| 10 | {what}; {where} | {x['rps']:,.0f} {unit}, p99 {_ms(x['p99_ms'])} ms"
                              f" | {x['baseline_rps']:,.0f} {unit}, p99 {_ms(x['baseline_p99_ms'])} ms ({base})"
-                             f" | {x['ratio']:.2f} (median of {len(runs)} runs, {min(runs):.2f}–{max(runs):.2f})"
+                             f" | {x['ratio']:.2f} (median of {len(runs)} run{'s' if len(runs) != 1 else ''},"
+                             f" {min(runs):.2f}–{max(runs):.2f})"
                              f" | ≥ {target} | {_ok(x['ratio'] >= target)} |")
     return lines
