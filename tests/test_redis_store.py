@@ -500,6 +500,28 @@ def test_reader_stops_at_once_while_waiting_in_xread(redis_server, prefix, reade
     assert time.monotonic() - started < 1.0
 
 
+def test_reader_gathers_after_a_read_yet_stops_at_once_and_loses_nothing(stores, redis_server, prefix, readers,  # noqa: F811
+                                                                          monkeypatch):
+    # After a read that returned events the reader waits READ_GATHER before the next XREAD (fewer reads
+    # under load); stop() must not wait it out, and what was written meanwhile comes in the next read.
+    monkeypatch.setattr(redis_store, "READ_GATHER", 30.0)
+    hub = FakeHub()
+    reader = readers(redis_server.url, prefix, hub, block_ms=5000)
+    stores[0].deposit("gather", 1)
+    wait_for(lambda: len(hub.fed_seqs()) == 1, message="the first event fed")
+    for _ in range(3):
+        stores[0].deposit("gather", 1)  # written while the reader gathers
+    started = time.monotonic()
+    reader.stop()
+    assert time.monotonic() - started < 1.0
+    assert len(hub.fed_seqs()) == 1  # the gathering wait was still on: nothing read since
+
+    monkeypatch.setattr(redis_store, "READ_GATHER", 0.005)
+    again = readers(redis_server.url, prefix, FakeHub(), block_ms=5000)
+    stores[0].deposit("gather", 1)
+    wait_for(lambda: again.last_seq == reader.last_seq + 4, message="every event, in one seq order")
+
+
 def test_reader_stops_at_once_when_redis_hangs(own_redis_server, readers):  # noqa: F811
     reader = readers(own_redis_server.url, "w:", FakeHub())
     os.kill(own_redis_server.proc.pid, signal.SIGSTOP)
