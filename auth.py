@@ -66,7 +66,8 @@ def key_name(key: str) -> str:
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def rfc3339(timestamp: float) -> str:
+def rfc3339_seconds(timestamp: float) -> str:
+    """UTC to the second with a Z (a token's expiry; wallet_store.rfc3339 gives microseconds for money events)."""
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -258,4 +259,4 @@ class Auth:
         now = int(self._clock())
         expires = now + ttl_seconds
         token = jwt.encode({"sub": user_id, "iat": now, "exp": expires}, self._secret, algorithm="HS256")
-        return {"token": token, "user_id": user_id, "expires_at": rfc3339(expires)}
+        return {"token": token, "user_id": user_id, "expires_at": rfc3339_seconds(expires)}
