@@ -216,3 +216,39 @@ def code_state():
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head or None, "modified": sorted(line[3:] for line in status.splitlines() if line.strip())}
+
+
+# -- shared by the rows of run.py and rows_more.py ------------------------------------------------------
+
+BENCH_KEY = "bench-operator-key-0123456789abcdefghijklmnop"  # 40 characters: a valid API_KEYS entry
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def median_of(runs, key):
+    return median([r[key] for r in runs])
+
+
+def rounded(r):
+    """A run's figures for results.json: floats to 2 places."""
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+
+
+def deposit_requests(n, prefix="bench"):
+    """One 1-cent deposit request per connection, each to its own user."""
+    from client import HOST
+    from httpload import build_request
+
+    return [build_request("POST", "/api/wallet/deposit", HOST, {"user_id": f"{prefix}{i}", "amount": 1})
+            for i in range(n)]
+
+
+def yes_no(flag):
+    """The table's "met" column."""
+    return "yes" if flag else "**no**"
+
+
+def ms(value):
+    return "–" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"

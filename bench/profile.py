@@ -21,7 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from client import HOST  # noqa: E402
-from common import app_server  # noqa: E402
+from common import BENCH_KEY, app_server, deposit_requests  # noqa: E402
 
 
 def summarize(path, top):
@@ -57,8 +57,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from httpload import build_request, run_load
-    from rows_more import deposit_requests
-    from run import BENCH_KEY
 
     redis_proc, extra, env = None, [], {}
     if args.redis:

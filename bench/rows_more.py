@@ -11,23 +11,31 @@ import tempfile
 import time
 
 from client import HOST, RawHTTP, fanout_once
-from common import ROOT, ServerProcess, app_server, free_port, median, split_cpus
+from common import (
+    BENCH_KEY,
+    ROOT,
+    ServerProcess,
+    app_server,
+    deposit_requests,
+    free_port,
+    log,
+    median,
+    median_of,
+    ms,
+    rounded,
+    split_cpus,
+    yes_no,
+)
 
 # Fan-out at 1,000 subscribers before the event history existed (commit 39fd923, the last recorded run
 # before issue 11): the reference for "fan-out latency unchanged within noise".
 PRE_HISTORY_FANOUT = {"commit": "39fd923", "p50_ms": 22.0, "p99_ms": 38.0}
 
 
-def log(*args):
-    print(*args, flush=True)
 
 
-def _summ(runs, key):
-    return median([r[key] for r in runs])
 
 
-def _strip(r):
-    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
 
 
 # -- row 7: the event history ----------------------------------------------------------------------
@@ -90,11 +98,6 @@ def fanout_at(app, size, outcomes, cfg, label):
         pool.stop()
 
 
-def deposit_requests(n, prefix):
-    from httpload import build_request
-
-    return [build_request("POST", "/api/wallet/deposit", HOST, {"user_id": f"{prefix}{i}", "amount": 1})
-            for i in range(n)]
 
 
 def row_redis(cfg):
@@ -123,8 +126,8 @@ def row_redis(cfg):
                 log(f"  row 8 run {i + 1}: {kind:15} {n} conns: {r['rps']:7.0f} req/s  p99 {r['p99_ms']:6.1f} ms"
                     f"  statuses {r['statuses']}")
         for kind, _, _ in kinds:
-            out[kind] = {"rps": _summ(runs[kind], "rps"), "p99_ms": _summ(runs[kind], "p99_ms"),
-                         "p50_ms": _summ(runs[kind], "p50_ms"), "runs": [_strip(r) for r in runs[kind]],
+            out[kind] = {"rps": median_of(runs[kind], "rps"), "p99_ms": median_of(runs[kind], "p99_ms"),
+                         "p50_ms": median_of(runs[kind], "p50_ms"), "runs": [rounded(r) for r in runs[kind]],
                          "non_200": sum(v for r in runs[kind] for k, v in r["statuses"].items() if k != "200")}
         out["redis_vs_memory"] = out["redis"]["rps"] / out["memory"]["rps"]
 
@@ -143,10 +146,10 @@ def row_redis(cfg):
             two.append(r2)
             log(f"  row 8 run {i + 1}: one process {r1['rps']:7.0f} req/s (p99 {r1['p99_ms']:.1f} ms),"
                 f" two processes {r2['rps']:7.0f} req/s (p99 {r2['p99_ms']:.1f} ms)")
-        out["one_process"] = {"rps": _summ(one, "rps"), "p99_ms": _summ(one, "p99_ms"),
-                              "runs": [_strip(r) for r in one]}
-        out["two_processes"] = {"rps": _summ(two, "rps"), "p99_ms": _summ(two, "p99_ms"),
-                                "runs": [_strip(r) for r in two]}
+        out["one_process"] = {"rps": median_of(one, "rps"), "p99_ms": median_of(one, "p99_ms"),
+                              "runs": [rounded(r) for r in one]}
+        out["two_processes"] = {"rps": median_of(two, "rps"), "p99_ms": median_of(two, "p99_ms"),
+                                "runs": [rounded(r) for r in two]}
         out["two_vs_one"] = out["two_processes"]["rps"] / out["one_process"]["rps"]
         out["redis_server_cpu_seconds"] = _cpu_seconds(rp.pid)
         red2.stop()
@@ -243,10 +246,10 @@ def _paired(label, rounds, measure):
         b_runs.append(b)
         log(f"  row 10 {label} run {i + 1}: {a['rps']:7.0f} / {b['rps']:7.0f} = {a['rps'] / b['rps']:.3f}")
     ratios = [a["rps"] / b["rps"] for a, b in zip(a_runs, b_runs, strict=True)]
-    return {"rps": _summ(a_runs, "rps"), "p99_ms": _summ(a_runs, "p99_ms"),
-            "baseline_rps": _summ(b_runs, "rps"), "baseline_p99_ms": _summ(b_runs, "p99_ms"),
+    return {"rps": median_of(a_runs, "rps"), "p99_ms": median_of(a_runs, "p99_ms"),
+            "baseline_rps": median_of(b_runs, "rps"), "baseline_p99_ms": median_of(b_runs, "p99_ms"),
             "ratio": median(ratios), "run_ratios": [round(r, 3) for r in ratios],
-            "runs": [_strip(r) for r in a_runs], "baseline_runs": [_strip(r) for r in b_runs]}
+            "runs": [rounded(r) for r in a_runs], "baseline_runs": [rounded(r) for r in b_runs]}
 
 
 def row_layers(cfg):
@@ -268,7 +271,6 @@ def _layers(cfg, label, server_cpus, client_cpus):
     from grpcload import run_alternating as grpc_alternating
     from httpload import build_request, run_alternating
     from redisproc import RedisProcess
-    from run import BENCH_KEY
 
     n = cfg.conns[0]
     deposits = deposit_requests(n, prefix="l")
@@ -316,12 +318,8 @@ ROWS = {7: ("history", row_history), 8: ("redis", row_redis), 9: ("hardening", r
 # -- report --------------------------------------------------------------------------------------------
 
 
-def _ok(flag):
-    return "yes" if flag else "**no**"
 
 
-def _ms(value):
-    return "–" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def table_lines(rows):
@@ -338,26 +336,26 @@ def table_lines(rows):
     if fan and fan.get("p99_ms") is not None:
         ref = PRE_HISTORY_FANOUT
         ratio = fan["p99_ms"] / ref["p99_ms"]
-        lines.append(f"| 7 | fan-out to 1,000 subscribers with the history (row 3) | p50 {_ms(fan['p50_ms'])} /"
-                     f" p99 {_ms(fan['p99_ms'])} ms | p50 {_ms(ref['p50_ms'])} / p99 {_ms(ref['p99_ms'])} ms before it"
+        lines.append(f"| 7 | fan-out to 1,000 subscribers with the history (row 3) | p50 {ms(fan['p50_ms'])} /"
+                     f" p99 {ms(fan['p99_ms'])} ms | p50 {ms(ref['p50_ms'])} / p99 {ms(ref['p99_ms'])} ms before it"
                      f" (commit {ref['commit']}, an earlier run) | {ratio:.2f} | unchanged within noise (≤ 1.3)"
-                     f" | {_ok(ratio <= 1.3)} |")
+                     f" | {yes_no(ratio <= 1.3)} |")
     if "redis" in rows:
         r = rows["redis"]
         m, d = r["memory"], r["redis"]
         lines.append(f"| 8 | deposit on Redis, one process, 16 connections | {d['rps']:,.0f} req/s, p99"
-                     f" {_ms(d['p99_ms'])} ms | {m['rps']:,.0f} req/s, p99 {_ms(m['p99_ms'])} ms (in memory)"
-                     f" | {r['redis_vs_memory']:.2f} | ≥ 0.7 | {_ok(r['redis_vs_memory'] >= 0.7)} |")
+                     f" {ms(d['p99_ms'])} ms | {m['rps']:,.0f} req/s, p99 {ms(m['p99_ms'])} ms (in memory)"
+                     f" | {r['redis_vs_memory']:.2f} | ≥ 0.7 | {yes_no(r['redis_vs_memory'] >= 0.7)} |")
         one, two = r["one_process"], r["two_processes"]
         lines.append(f"| 8 | deposit on Redis, two processes (8 + 8 connections) | {two['rps']:,.0f} req/s, p99"
-                     f" {_ms(two['p99_ms'])} ms | {one['rps']:,.0f} req/s, p99 {_ms(one['p99_ms'])} ms (one process,"
-                     f" 16 connections) | {r['two_vs_one']:.2f} | ≥ 1.3 | {_ok(r['two_vs_one'] >= 1.3)} |")
+                     f" {ms(two['p99_ms'])} ms | {one['rps']:,.0f} req/s, p99 {ms(one['p99_ms'])} ms (one process,"
+                     f" 16 connections) | {r['two_vs_one']:.2f} | ≥ 1.3 | {yes_no(r['two_vs_one'] >= 1.3)} |")
         fm, fr = r["fanout_memory"], r["fanout_redis"]
         if r.get("fanout_ratio") is not None:
             met = r["fanout_ratio"] <= 1.5 and fr["all_delivered"] and fr["p99_ms"] <= 75
-            lines.append(f"| 8 | fan-out to 1,000 subscribers on Redis | p50 {_ms(fr['p50_ms'])} / p99"
-                         f" {_ms(fr['p99_ms'])} ms | p50 {_ms(fm['p50_ms'])} / p99 {_ms(fm['p99_ms'])} ms (in memory,"
-                         f" same row) | {r['fanout_ratio']:.2f} | ≤ 1.5; p99 ≤ 75 ms | {_ok(met)} |")
+            lines.append(f"| 8 | fan-out to 1,000 subscribers on Redis | p50 {ms(fr['p50_ms'])} / p99"
+                         f" {ms(fr['p99_ms'])} ms | p50 {ms(fm['p50_ms'])} / p99 {ms(fm['p99_ms'])} ms (in memory,"
+                         f" same row) | {r['fanout_ratio']:.2f} | ≤ 1.5; p99 ≤ 75 ms | {yes_no(met)} |")
         c = r["cost"]
         lines.append(f"| 8 | Redis work per write | deposit: {c['deposit']['commands_per_write']:.0f} commands,"
                      f" {c['deposit']['round_trips_per_write']:.0f} round trip; settle:"
@@ -370,16 +368,16 @@ def table_lines(rows):
             n = r["idle"]
             name = f"{n:,}" + (" (the default cap)" if n == cap else "")
             k, f = r["keepalive_ms"], r["fresh_connection_ms"]
-            lines.append(f"| 9 | /healthz with {name} idle connections | p50 {_ms(k['p50'])} / p99 {_ms(k['p99'])} ms"
-                         f" (keep-alive); new connection p50 {_ms(f['p50'])} / p99 {_ms(f['p99'])} ms;"
+            lines.append(f"| 9 | /healthz with {name} idle connections | p50 {ms(k['p50'])} / p99 {ms(k['p99'])} ms"
+                         f" (keep-alive); new connection p50 {ms(f['p50'])} / p99 {ms(f['p99'])} ms;"
                          f" {r['server_threads']:,} threads | | | p99 < 100 ms"
-                         f" | {_ok(k['p99'] < 100 and f['p99'] < 100)} |")
+                         f" | {yes_no(k['p99'] < 100 and f['p99'] < 100)} |")
         rec = h["recovery"]
         after = rec["healthz_under_100ms_after_s"]
         lines.append(f"| 9 | recovery after a flood of {rec['flood']:,} connections (2 × cap, half WebSocket upgrades)"
                      f" | /healthz under 100 ms {after} s after the drop; threads back to rest after"
                      f" {rec['threads_back_to_rest_s']} s; {rec['shed_503_seen']:,} shed with 503 | | | ≤ 10 s"
-                     f" | {_ok(after is not None and after <= 10)} |")
+                     f" | {yes_no(after is not None and after <= 10)} |")
         i = h["idempotency"]
         lines.append(f"| 9 | memory per idempotency record (in memory, tracemalloc) | {i['bytes_per_record']:.0f} B;"
                      f" the 1,000,000-key cap ≈ {i['cap_1m_mib']:.0f} MiB | 694 B (before the hardening issue)"
@@ -406,9 +404,9 @@ def table_lines(rows):
                 x = r[key]
                 unit = "calls/s" if key.startswith("grpc") else "req/s"
                 runs = x["run_ratios"]
-                lines.append(f"| 10 | {what}; {where} | {x['rps']:,.0f} {unit}, p99 {_ms(x['p99_ms'])} ms"
-                             f" | {x['baseline_rps']:,.0f} {unit}, p99 {_ms(x['baseline_p99_ms'])} ms ({base})"
+                lines.append(f"| 10 | {what}; {where} | {x['rps']:,.0f} {unit}, p99 {ms(x['p99_ms'])} ms"
+                             f" | {x['baseline_rps']:,.0f} {unit}, p99 {ms(x['baseline_p99_ms'])} ms ({base})"
                              f" | {x['ratio']:.2f} (median of {len(runs)} run{'s' if len(runs) != 1 else ''},"
                              f" {min(runs):.2f}–{max(runs):.2f})"
-                             f" | ≥ {target} | {_ok(x['ratio'] >= target)} |")
+                             f" | ≥ {target} | {yes_no(x['ratio'] >= target)} |")
     return lines

@@ -21,7 +21,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import rows_more  # noqa: E402
 from client import HOST, RawHTTP, fanout_once  # noqa: E402
-from common import BENCH, ROOT, ServerProcess, app_server, free_port, median  # noqa: E402
+from common import (  # noqa: E402
+    BENCH,
+    ROOT,
+    ServerProcess,
+    app_server,
+    deposit_requests,
+    free_port,
+    log,
+    median,
+    median_of,
+    ms,
+    rounded,
+    yes_no,
+)
 
 RESULTS = BENCH / "results.json"
 DOC = ROOT / "BENCHMARKS.md"
@@ -30,8 +43,6 @@ DOC = ROOT / "BENCHMARKS.md"
 ISSUE_BASELINE = "naive broadcast, 1,000 subs: p99 179 ms (gunicorn) / 348 ms (werkzeug), ~190 MB RSS"
 
 
-def log(*args):
-    print(*args, flush=True)
 
 
 def _outcome_stream(port, rate, stop, out):
@@ -91,15 +102,8 @@ def tcp_queues(client_port, server_port):
 # -- rows ----------------------------------------------------------------------
 
 
-def deposit_requests(n, prefix="bench"):
-    from httpload import build_request
-
-    return [build_request("POST", "/api/wallet/deposit", HOST, {"user_id": f"{prefix}{i}", "amount": 1})
-            for i in range(n)]
 
 
-def _summ(runs, key):
-    return median([r[key] for r in runs])
 
 
 def row_http(cfg):
@@ -123,13 +127,13 @@ def row_http(cfg):
         for conns in cfg.conns:
             a, b = runs[(conns, "app")], runs[(conns, "baseline")]
             out[str(conns)] = {
-                "rps": _summ(a, "rps"), "p99_ms": _summ(a, "p99_ms"), "p50_ms": _summ(a, "p50_ms"),
-                "baseline_rps": _summ(b, "rps"), "baseline_p99_ms": _summ(b, "p99_ms"),
-                "ratio": _summ(a, "rps") / _summ(b, "rps"),
+                "rps": median_of(a, "rps"), "p99_ms": median_of(a, "p99_ms"), "p50_ms": median_of(a, "p50_ms"),
+                "baseline_rps": median_of(b, "rps"), "baseline_p99_ms": median_of(b, "p99_ms"),
+                "ratio": median_of(a, "rps") / median_of(b, "rps"),
                 "run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)],
                 "non_200": sum(v for r in a for k, v in r["statuses"].items() if k != "200"),
                 "errors": sum(r["errors"] for r in a + b),
-                "runs": {"app": [_strip(r) for r in a], "baseline": [_strip(r) for r in b]},
+                "runs": {"app": [rounded(r) for r in a], "baseline": [rounded(r) for r in b]},
             }
     finally:
         out["app_exit"] = app.stop()[0]
@@ -137,11 +141,8 @@ def row_http(cfg):
     return out
 
 
-def _strip(r):
-    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
 
 
-BENCH_KEY = "bench-operator-key-0123456789abcdefghijklmnop"  # 40 characters: a valid API_KEYS entry
 
 
 def row_grpc(cfg):
@@ -167,12 +168,12 @@ def row_grpc(cfg):
                 log(f"  row 2 run {i + 1}: {kind:8} {r['rps']:7.0f} calls/s  p99 {r['p99_ms']:6.1f} ms  {r['codes']}")
         a, b = runs["app"], runs["constant"]
         out = {
-            "rps": _summ(a, "rps"), "p99_ms": _summ(a, "p99_ms"), "p50_ms": _summ(a, "p50_ms"),
-            "baseline_rps": _summ(b, "rps"), "baseline_p99_ms": _summ(b, "p99_ms"),
-            "ratio": _summ(a, "rps") / _summ(b, "rps"),
+            "rps": median_of(a, "rps"), "p99_ms": median_of(a, "p99_ms"), "p50_ms": median_of(a, "p50_ms"),
+            "baseline_rps": median_of(b, "rps"), "baseline_p99_ms": median_of(b, "p99_ms"),
+            "ratio": median_of(a, "rps") / median_of(b, "rps"),
             "run_ratios": [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)],
             "non_ok": sum(v for r in a for k, v in r["codes"].items() if k != "OK"),
-            "runs": {kind: [_strip(r) for r in rs] for kind, rs in runs.items()},
+            "runs": {kind: [rounded(r) for r in rs] for kind, rs in runs.items()},
         }
         return out
     finally:
@@ -310,16 +311,16 @@ def row_stalled(cfg):
         stream = None
         out["events_received_during"] = {k: after.get(k, 0) - before.get(k, 0) for k in ("game_outcome", "leaderboard")}
         out["closed_by_server"] = after.get("closed_by_server", 0)
-        out["no_stall"] = {"rps": _summ(reading, "rps"), "p99_ms": _summ(reading, "p99_ms"),
-                           "ratio": _summ(reading, "rps") / _summ(quiet, "rps"),
-                           "runs": [_strip(r) for r in reading]}
+        out["no_stall"] = {"rps": median_of(reading, "rps"), "p99_ms": median_of(reading, "p99_ms"),
+                           "ratio": median_of(reading, "rps") / median_of(quiet, "rps"),
+                           "runs": [rounded(r) for r in reading]}
         out.update({
-            "rps": _summ(loaded, "rps"), "p99_ms": _summ(loaded, "p99_ms"),
-            "baseline_rps": _summ(quiet, "rps"), "baseline_p99_ms": _summ(quiet, "p99_ms"),
-            "ratio": _summ(loaded, "rps") / _summ(quiet, "rps"),
+            "rps": median_of(loaded, "rps"), "p99_ms": median_of(loaded, "p99_ms"),
+            "baseline_rps": median_of(quiet, "rps"), "baseline_p99_ms": median_of(quiet, "p99_ms"),
+            "ratio": median_of(loaded, "rps") / median_of(quiet, "rps"),
             "errors": sum(r["errors"] for r in quiet + loaded),
             "non_200": sum(v for r in quiet + loaded for k, v in r["statuses"].items() if k != "200"),
-            "runs": {"with_ws": [_strip(r) for r in loaded], "no_ws": [_strip(r) for r in quiet]},
+            "runs": {"with_ws": [rounded(r) for r in loaded], "no_ws": [rounded(r) for r in quiet]},
         })
     finally:
         if stream is not None:
@@ -351,8 +352,6 @@ ROWS = {1: ("http", row_http), 2: ("grpc", row_grpc), 3: ("fanout", row_fanout),
 # -- report --------------------------------------------------------------------
 
 
-def _ok(flag):
-    return "yes" if flag else "**no**"
 
 
 def report(results):
@@ -362,8 +361,6 @@ def report(results):
             f"{' (figures are noisier than on an idle machine)' if busy > 0.1 else ''}.")
 
 
-def _ms(value):
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def table(rows):
@@ -376,12 +373,12 @@ def table(rows):
             lines.append(f"| 1 | deposit, {conns} keep-alive connections"
                          f" | {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.1f} ms"
                          f" | {r['baseline_rps']:,.0f} req/s, p99 {r['baseline_p99_ms']:.1f} ms (constant Flask route)"
-                         f" | {r['ratio']:.2f} | ≥ 0.9 | {_ok(r['ratio'] >= 0.9)} |")
+                         f" | {r['ratio']:.2f} | ≥ 0.9 | {yes_no(r['ratio'] >= 0.9)} |")
     if "grpc" in rows:
         r = rows["grpc"]
         lines.append(f"| 2 | gRPC GetBalance, 16 concurrent calls | {r['rps']:,.0f} calls/s, p99 {r['p99_ms']:.1f} ms"
                      f" | {r['baseline_rps']:,.0f} calls/s, p99 {r['baseline_p99_ms']:.1f} ms (constant servicer)"
-                     f" | {r['ratio']:.2f} | ≥ 0.9 | {_ok(r['ratio'] >= 0.9)} |")
+                     f" | {r['ratio']:.2f} | ≥ 0.9 | {yes_no(r['ratio'] >= 0.9)} |")
     if "fanout" in rows:
         f = rows["fanout"]
         for size, r in f["sizes"].items():
@@ -390,7 +387,7 @@ def table(rows):
                 lines.append(f"| 3 | WebSocket fan-out, {n:,} subscribers | {r['connected']:,} connected, no delivery"
                              f" | | | | **no** |")
                 continue
-            res = (f"p50 {_ms(r['p50_ms'])} / p99 {_ms(r['p99_ms'])} / max {_ms(r['max_ms'])} ms;"
+            res = (f"p50 {ms(r['p50_ms'])} / p99 {ms(r['p99_ms'])} / max {ms(r['max_ms'])} ms;"
                    f" RSS {r['rss_per_conn_kib']:.0f} KiB per connection ({r['rss_kib'] / 1024:.0f} MiB total,"
                    f" {r['threads']:,} threads)")
             if not r["all_delivered"]:
@@ -398,14 +395,14 @@ def table(rows):
             base, target, met = "", "", ""
             if n == 1000:
                 base, target = ISSUE_BASELINE, "p99 ≤ 50 ms"
-                met = _ok(r["p99_ms"] <= 50 and r["all_delivered"])
+                met = yes_no(r["p99_ms"] <= 50 and r["all_delivered"])
             elif n == 5000:
                 target = "5,000 held"
-                met = _ok(r["connected"] >= 5000 and r["all_delivered"])
+                met = yes_no(r["connected"] >= 5000 and r["all_delivered"])
             lines.append(f"| 3 | WebSocket fan-out, {n:,} subscribers | {res} | {base} | | {target} | {met} |")
         if "shutdown_seconds" in f:
             n = f["shutdown_with_connections"]
-            met = _ok(f["shutdown_exit"] == 0 and f["shutdown_seconds"] <= 5)
+            met = yes_no(f["shutdown_exit"] == 0 and f["shutdown_seconds"] <= 5)
             lines.append(f"| 3 | SIGTERM with {n:,} WebSockets open | exit {f['shutdown_exit']} after"
                          f" {f['shutdown_seconds']:.1f} s | | | README: ≤ 5 s | {met} |")
     if "settle" in rows:
@@ -414,13 +411,13 @@ def table(rows):
         res = "; ".join(f"{int(k):,} players: {s[k]['median_us']:.1f} µs" for k in sizes)
         lines.append(f"| 4 | settle one outcome (median per call) | {res} | {int(sizes[0]):,}-player board"
                      f" | {s['ratio']:.2f} ({int(sizes[-1]):,} / {int(sizes[0]):,}) | ≤ 1.3"
-                     f" | {_ok(s['ratio'] <= 1.3)} |")
+                     f" | {yes_no(s['ratio'] <= 1.3)} |")
     if "stalled" in rows:
         r = rows["stalled"]
         lines.append(f"| 5 | deposit, {r['deposit_connections']} connections, 1,000 WebSockets (1 not reading),"
                      f" {r['outcome_rate']:g} outcomes/s | {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.1f} ms"
                      f" | {r['baseline_rps']:,.0f} req/s, p99 {r['baseline_p99_ms']:.1f} ms (no WebSockets,"
-                     f" same outcomes) | {r['ratio']:.2f} | ≥ 0.8 | {_ok(r['ratio'] >= 0.8)} |")
+                     f" same outcomes) | {r['ratio']:.2f} | ≥ 0.8 | {yes_no(r['ratio'] >= 0.8)} |")
         if "no_stall" in r:
             n = r["no_stall"]
             lines.append(f"| 5 | the same after the stalled client left (999 reading) | {n['rps']:,.0f} req/s,"
