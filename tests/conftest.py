@@ -53,6 +53,19 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize(name, stores, indirect=True)
 
 
+def peer_closes(sock, timeout: float) -> bool:
+    """Whether the server ends the connection (EOF or reset) within `timeout` seconds, ignoring data."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
 def wait_for(condition, timeout=10.0, interval=0.01, message="condition"):
     """Poll until condition() is truthy; the deadline is what makes a hung server fail the test."""
     deadline = time.monotonic() + timeout

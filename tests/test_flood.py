@@ -15,7 +15,7 @@ import pytest
 import simple_websocket
 
 import http_server
-from conftest import wait_for
+from conftest import peer_closes, wait_for
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -46,18 +46,6 @@ def read_reply(sock: socket.socket) -> tuple[int, bytes]:
         body += chunk
     return int(head.split()[1]), body
 
-
-def ends(sock: socket.socket, timeout: float) -> bool:
-    """Whether the server closes the connection within timeout (EOF or reset)."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-    except TimeoutError:
-        return False
-    except OSError:
-        pass
-    return True
 
 
 def served_connection(port: int) -> socket.socket | None:
@@ -101,7 +89,7 @@ def test_one_connection_past_the_cap_is_answered_503_at_once(start_server):
         with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as extra:
             extra.sendall(HEALTHZ)
             status, body = read_reply(extra)
-            assert ends(extra, 2)
+            assert peer_closes(extra, 2)
         assert time.monotonic() - start < 1
         assert status == 503 and json.loads(body)["error"] == "unavailable"
         for sock in held:  # the 20 are unaffected
@@ -135,12 +123,12 @@ def test_a_request_head_must_arrive_within_10_seconds(server):
             except OSError:
                 slow_closed_at = time.monotonic()
                 break
-            if ends(slow, 2):  # the two seconds between bytes, watching for the close
+            if peer_closes(slow, 2):  # the two seconds between bytes, watching for the close
                 slow_closed_at = time.monotonic()
                 break
         assert slow_closed_at is not None and 9 < slow_closed_at - start < 14
-        assert ends(silent, 5) and 9 < time.monotonic() - start < 14
-        assert ends(kept, 5) and 9 < time.monotonic() - answered < 14
+        assert peer_closes(silent, 5) and 9 < time.monotonic() - start < 14
+        assert peer_closes(kept, 5) and 9 < time.monotonic() - answered < 14
 
 
 @pytest.mark.heavy
@@ -212,6 +200,6 @@ def test_sigterm_with_a_thousand_keep_alive_connections_closes_them_and_exits_pr
     assert srv.stop() == 0
     assert time.monotonic() - start < 5
     # Every connection ends: none is left waiting for an answer.
-    assert all(ends(s, 1) for s in kept + silent)
+    assert all(peer_closes(s, 1) for s in kept + silent)
     for s in kept + silent:
         s.close()

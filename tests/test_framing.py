@@ -17,7 +17,7 @@ import pytest
 import requests
 
 import http_server
-from conftest import wait_for
+from conftest import peer_closes, wait_for
 from http_server import BadRequest, Body, Request, Server, check_chunk_line, parse_head, peek_until, read_until
 
 TIMEOUT = 5
@@ -410,18 +410,6 @@ def read_response(sock: socket.socket, buffer: bytearray, head: bool = False) ->
     return status, headers, body
 
 
-def closed(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
-    """Whether the server ends the connection (EOF or reset) within the timeout, ignoring data."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-    except TimeoutError:
-        return False
-    except OSError:
-        pass
-    return True
-
 
 def test_pipelined_requests_are_answered_in_order_and_bodies_are_not_requests(harness):
     h = harness(echo_app)
@@ -436,7 +424,7 @@ def test_pipelined_requests_are_answered_in_order_and_bodies_are_not_requests(ha
         assert [(a["path"], a["body"]) for a in answers] == [("/a", smuggled.decode()), ("/b", smuggled.decode()),
                                                              ("/c", "")]
         assert answers[2]["query"] == "q=1"
-        assert not closed(s, 0.2)  # keep-alive
+        assert not peer_closes(s, 0.2)  # keep-alive
 
 
 def test_a_body_that_comes_after_its_head_is_read_exactly_whichever_way_it_arrives(harness):
@@ -481,7 +469,7 @@ def test_http_1_0_keep_alive_is_honoured_and_announced(harness):
         assert read_response(s, buf)[1]["connection"] == "keep-alive"
         s.sendall(b"GET /y HTTP/1.0\r\n\r\n")
         assert read_response(s, buf)[1]["connection"] == "close"
-        assert closed(s)
+        assert peer_closes(s, TIMEOUT)
 
 
 def test_absolute_form_target_gives_path_and_host(harness):
@@ -498,7 +486,7 @@ def test_connection_close_in_the_apps_response_closes_the_connection(harness):
         s.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Close: 1\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n")
         buf = bytearray()
         assert read_response(s, buf)[1]["connection"] == "close"
-        assert closed(s) and not buf
+        assert peer_closes(s, TIMEOUT) and not buf
 
 
 def test_a_malformed_request_after_a_good_one_gets_400_and_the_close(harness):
@@ -511,7 +499,7 @@ def test_a_malformed_request_after_a_good_one_gets_400_and_the_close(harness):
         status, headers, body = read_response(s, buf)
         assert (status, headers["connection"], headers["content-type"]) == (400, "close", "application/json")
         assert json.loads(body) == {"error": "invalid_request", "message": "whitespace before a colon in a header"}
-        assert closed(s) and not buf
+        assert peer_closes(s, TIMEOUT) and not buf
 
 
 def test_expect_100_continue_gets_one_100_when_the_body_is_read(harness):
@@ -538,7 +526,7 @@ def test_a_body_the_app_did_not_read_closes_the_connection(harness):
         buf = bytearray()
         status, headers, _ = read_response(s, buf)
         assert status == 413 and headers["connection"] == "close"  # no 100 was sent: the body never came
-        assert closed(s)
+        assert peer_closes(s, TIMEOUT)
 
 
 def test_a_body_that_came_with_its_head_keeps_the_connection_even_unread(harness):
@@ -554,7 +542,7 @@ def test_a_body_that_came_with_its_head_keeps_the_connection_even_unread(harness
         buf = bytearray()
         first, second = read_response(s, buf), read_response(s, buf)
         assert (first[0], first[2], second[0], second[2]) == (401, b"/first", 401, b"/second")
-        assert "connection" not in second[1] and not closed(s, 0.2)
+        assert "connection" not in second[1] and not peer_closes(s, 0.2)
 
 
 def test_a_malformed_chunked_body_the_app_gave_up_on_is_400(harness):
@@ -568,7 +556,7 @@ def test_a_malformed_chunked_body_the_app_gave_up_on_is_400(harness):
         s.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
         status, headers, body = read_response(s, bytearray())
         assert status == 400 and json.loads(body)["error"] == "invalid_request"
-        assert closed(s)
+        assert peer_closes(s, TIMEOUT)
 
 
 def test_an_app_error_is_a_json_500(harness):
@@ -618,7 +606,7 @@ def test_the_cap_sheds_one_more_connection_at_once_from_the_accepting_thread(har
         with h.connect() as extra:
             extra.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
             status, headers, body = read_response(extra, bytearray())
-            assert closed(extra)
+            assert peer_closes(extra, TIMEOUT)
         assert time.monotonic() - start < 1
         assert (status, headers["connection"]) == (503, "close")
         assert json.loads(body)["error"] == "unavailable"
@@ -645,11 +633,11 @@ def test_head_timeout_counts_from_the_connection_and_from_the_last_response(harn
                 slow.sendall(bytes([byte]))
             except OSError:
                 break
-            if closed(slow, 0.1):
+            if peer_closes(slow, 0.1):
                 break
         assert 0.4 < time.monotonic() - start < 1.5
-        assert closed(silent, 3) and time.monotonic() - start < 1.5
-        assert closed(kept, 3) and 0.4 < time.monotonic() - answered < 1.5
+        assert peer_closes(silent, 3) and time.monotonic() - start < 1.5
+        assert peer_closes(kept, 3) and 0.4 < time.monotonic() - answered < 1.5
 
 
 def test_drain_closes_idle_connections_waits_for_requests_and_leaves_upgrades(harness):
@@ -680,14 +668,14 @@ def test_drain_closes_idle_connections_waits_for_requests_and_leaves_upgrades(ha
         h.server.server_close()
         start = time.monotonic()
         assert h.server.drain(0.3) is False  # /slow is still running
-        assert closed(idle, 1)
+        assert peer_closes(idle, 1)
         release.set()
         assert h.server.drain(2) is True and time.monotonic() - start < 2
         status, headers, _ = read_response(busy, bytearray())
         assert status == 200 and headers["connection"] == "close"
-        assert not closed(upgraded, 0.2)  # the app's protocol owns it
+        assert not peer_closes(upgraded, 0.2)  # the app's protocol owns it
         upgraded_ends.set()
-        assert closed(upgraded)
+        assert peer_closes(upgraded, TIMEOUT)
 
 
 # -- the real service: malformed heads change nothing ---------------------------------------------------
@@ -925,7 +913,7 @@ def test_drain_with_many_idle_keep_alive_connections_is_prompt(harness):
     h.server.server_close()
     start = time.monotonic()
     assert h.server.drain(2) is True
-    assert all(closed(s, 1) for s in idle) and time.monotonic() - start < 1
+    assert all(peer_closes(s, 1) for s in idle) and time.monotonic() - start < 1
     wait_for(lambda: h.server.connection_count() == 0, timeout=2, message="every connection released")
     for s in idle:
         s.close()
@@ -959,5 +947,5 @@ def test_shutdown_stops_listening_at_once_and_closes_waiting_connections(harness
     assert time.monotonic() - start < 0.5
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", h.port), timeout=1).recv(1)
-    assert closed(waiting, 1)
+    assert peer_closes(waiting, 1)
     waiting.close()
