@@ -6,6 +6,7 @@ receive with a deadline, and the absence of an event is proven by a later event 
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -1238,13 +1239,9 @@ def test_close_all_sends_1001_to_every_connection_and_count_drops(inproc):
     assert late.expect_close()[0] == 1001
 
 
-@pytest.mark.heavy
-def test_sigterm_with_ping_flooding_non_readers_exits_within_5_seconds(start_server):
-    """Clients that flood pings and never read (their pongs back up) neither delay nor stop the shutdown."""
-    srv = start_server()
-    flooders = [RawWebSocket(srv.ws_url + "?events=game_outcomes", rcvbuf=4096) for _ in range(40)]
-    reader = RawWebSocket(srv.ws_url + "?events=game_outcomes")
-    assert json.loads(reader.frame()[1])["type"] == "subscribed"
+@contextlib.contextmanager
+def ping_flood(flooders):
+    """While the block runs, flood masked empty pings on every flooder (which never read); then close them."""
     ping = bytes([0x89, 0x80]) + b"\0\0\0\0"  # masked, empty
     stop = threading.Event()
 
@@ -1261,21 +1258,37 @@ def test_sigterm_with_ping_flooding_non_readers_exits_within_5_seconds(start_ser
     thread = threading.Thread(target=flood, daemon=True)
     thread.start()
     try:
-        # The server is busy answering pings now; shut it down in the middle of it.
-        wait_for(lambda: "ws 127.0.0.1" in srv.log(), message="connections logged")
-        started = time.monotonic()
-        code = srv.stop(timeout=10)
-        elapsed = time.monotonic() - started
+        yield
     finally:
         stop.set()
         thread.join()
         for f in flooders:
             f.close()
-    assert code == 0 and elapsed < 5, f"exit {code} after {elapsed:.1f}s"
-    opcode, payload = reader.frame()  # read after the process has gone: the close frame is there
-    while opcode == 9:  # the nudge ping after `subscribed`
-        opcode, payload = reader.frame()
+
+
+def assert_closed_going_away(ws):
+    """The next frame, past the nudge pings after `subscribed`, is a close with 1001."""
+    opcode, payload = ws.frame()
+    while opcode == 9:
+        opcode, payload = ws.frame()
     assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1001
+
+
+@pytest.mark.heavy
+def test_sigterm_with_ping_flooding_non_readers_exits_within_5_seconds(start_server):
+    """Clients that flood pings and never read (their pongs back up) neither delay nor stop the shutdown."""
+    srv = start_server()
+    flooders = [RawWebSocket(srv.ws_url + "?events=game_outcomes", rcvbuf=4096) for _ in range(40)]
+    reader = RawWebSocket(srv.ws_url + "?events=game_outcomes")
+    assert json.loads(reader.frame()[1])["type"] == "subscribed"
+    with ping_flood(flooders):
+        # The server is busy answering pings now; shut it down in the middle of it.
+        wait_for(lambda: "ws 127.0.0.1" in srv.log(), message="connections logged")
+        started = time.monotonic()
+        code = srv.stop(timeout=10)
+        elapsed = time.monotonic() - started
+    assert code == 0 and elapsed < 5, f"exit {code} after {elapsed:.1f}s"
+    assert_closed_going_away(reader)  # read after the process has gone: the close frame is there
     reader.close()
     print(f"\nSIGTERM with 40 ping-flooding non-readers: exit in {elapsed:.2f}s")
 
@@ -1295,37 +1308,14 @@ def test_sigterm_with_thousands_of_websockets_and_100_ping_floods_exits_within_5
     with ThreadPoolExecutor(32) as pool:
         clients = list(pool.map(open_raw, range(count)))
         flooders = list(pool.map(open_raw, range(flooding)))
-    ping = bytes([0x89, 0x80]) + b"\0\0\0\0"
-    stop = threading.Event()
-
-    def flood():
-        for f in flooders:
-            f.sock.setblocking(False)
-        while not stop.is_set():
-            for f in flooders:
-                try:
-                    f.sock.send(ping * 512)
-                except OSError:
-                    pass
-
-    thread = threading.Thread(target=flood, daemon=True)
-    thread.start()
-    try:
+    with ping_flood(flooders):
         started = time.monotonic()
         code = srv.stop(timeout=15)
         elapsed = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join()
-        for f in flooders:
-            f.close()
     try:
         assert code == 0 and elapsed < 5, f"exit {code} after {elapsed:.1f}s"
         for ws in clients[::50]:  # read after the process has gone: the close frame is there
-            opcode, payload = ws.frame()
-            while opcode == 9:  # the nudge ping after `subscribed`
-                opcode, payload = ws.frame()
-            assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1001
+            assert_closed_going_away(ws)
     finally:
         for ws in clients:
             ws.close()
